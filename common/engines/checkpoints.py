@@ -1,0 +1,264 @@
+"""Crash-safe checkpoints: resume state written atomically, best-model weights, safe loading.
+
+Written by hand because MONAI's ``CheckpointSaver`` writes in place (``atomic=False``: a kill during the write
+leaves a truncated file where ``CheckpointLoader`` will pick it up) and saves again when an exception is raised
+(a NaN stop would overwrite the last good checkpoint), and ``CheckpointLoader`` fails when no checkpoint
+exists yet, so "restart with the same command" cannot resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "load_checkpoint",
+    "load_weights",
+    "RNGState",
+    "ResumeCheckpoint",
+    "BestModelSaver",
+    "is_main_process",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def atomic_save(obj: Any, path: str) -> str:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: readers see
+    either the old file or the complete new one, never a partial write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with an error that names the file when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot be loaded as a checkpoint ({type(e).__name__}: {e}). "
+            "The file is truncated, corrupt or not a weights-only PyTorch file; delete or replace it."
+        ) from e
+
+
+def load_weights(network: torch.nn.Module, path: str, key: str | None = None, strict: bool = True,
+                 map_location: Any = "cpu") -> torch.nn.Module:
+    """Load a state_dict (or ``checkpoint[key]``) into ``network`` with ``weights_only=True``."""
+    state = load_checkpoint(path, map_location)
+    if key is not None:
+        if key not in state:
+            raise CheckpointError(f"{path}: no entry '{key}' (entries: {sorted(state)})")
+        state = state[key]
+    try:
+        network.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {type(network).__name__}: {e}") from e
+    return network
+
+
+class RNGState:
+    """The global random generators (Python, NumPy, torch CPU and CUDA) as a checkpointable object.
+    Stored as tensors and ints, so it loads with ``weights_only=True``."""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        pos, has_gauss, gauss = state["numpy_meta"]
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _EngineProgress:
+    """The trainer's position (iteration, epoch) as a checkpointable object."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {"iteration": int(self.engine.state.iteration), "epoch": int(self.engine.state.epoch)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.engine.state.iteration = int(state["iteration"])
+        self.engine.state.epoch = int(state["epoch"])
+
+
+class ResumeCheckpoint:
+    """Save everything needed to continue a run every ``interval`` iterations and at the end; on start, resume
+    from ``save_dir/filename`` if it exists.
+
+    Args:
+        save_dir: the run's checkpoint folder.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, method, optimizer, LR scheduler,
+            best-model saver, ...). The trainer's position and the global RNG state are added on ``attach``.
+        interval: iterations between saves.
+        resume: load an existing checkpoint on start (set ``False`` to start over; the file is then replaced).
+        load_path: resume from this file instead of ``save_dir/filename``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], interval: int = 100,
+                 filename: str = "checkpoint.pt", resume: bool = True, load_path: str | None = None,
+                 map_location: Any = "cpu") -> None:
+        if interval < 1:
+            raise ValueError(f"checkpoint interval must be >= 1, got {interval}")
+        self.path = os.path.join(save_dir, filename)
+        self.save_dict = dict(save_dict)
+        self.interval = int(interval)
+        self.resume = resume
+        self.load_path = load_path
+        self.map_location = map_location
+        self.resumed_from: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Resume on start and save every ``interval`` iterations and at the end. Handlers attached later run
+        after the save of the same iteration: pass the checkpoint to ``SemiSupervisedTrainer(checkpoint=...)``,
+        which orders it around all other handlers."""
+        self.attach_resume(engine)
+        self.attach_saving(engine)
+
+    def attach_resume(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", _EngineProgress(engine))
+        self.save_dict.setdefault("rng", RNGState())
+        engine.add_event_handler(Events.STARTED, self.load)
+
+    def attach_saving(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def load(self, engine: Engine | None = None) -> bool:
+        path = self.load_path or self.path
+        if not self.resume or not os.path.exists(path):
+            return False
+        state = load_checkpoint(path, self.map_location)
+        missing = [k for k in self.save_dict if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks {missing} (has {sorted(state)})")
+        for key, obj in self.save_dict.items():
+            try:
+                obj.load_state_dict(state[key])
+            except Exception as e:
+                raise CheckpointError(f"{path}: entry '{key}' does not fit this run's {type(obj).__name__}: {e}") from e
+        self.resumed_from = int(state["trainer"]["iteration"])
+        logger.info(f"resumed from {path} at iteration {self.resumed_from}")
+        return True
+
+    def save(self, engine: Engine | None = None) -> None:
+        if is_main_process():
+            atomic_save({k: obj.state_dict() for k, obj in self.save_dict.items()}, self.path)
+
+
+class BestModelSaver:
+    """After each validation: append the metrics to ``history`` (JSON lines) and, when ``metric`` improves,
+    write the network's state_dict atomically to ``save_dir/filename``.
+
+    Attach it to the trainer; it listens to ``evaluator``'s ``COMPLETED`` event and reads the trainer's
+    iteration. Its ``state_dict`` (best value and iteration) goes into the resume checkpoint.
+    """
+
+    def __init__(self, evaluator: Engine, network: torch.nn.Module, save_dir: str, metric: str = "val_mean_dice",
+                 filename: str = "model.pt", history: str = "validation.jsonl", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
+        self.evaluator = evaluator
+        self.network = network
+        self.save_dir = save_dir
+        self.metric = metric
+        self.model_path = os.path.join(save_dir, filename)
+        self.history_path = os.path.join(save_dir, history)
+        self.mode = mode
+        self.best: float | None = None
+        self.best_iteration = -1
+        self.trainer: Engine | None = None
+        self._start = time.time()
+
+    def attach(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        self.evaluator.add_event_handler(Events.COMPLETED, self._on_validation)
+
+    def _improved(self, value: float) -> bool:
+        if not np.isfinite(value):
+            return False
+        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+    def _on_validation(self, evaluator: Engine) -> None:
+        if not is_main_process():
+            return
+        iteration = int(self.trainer.state.iteration) if self.trainer is not None else -1
+        metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if np.isscalar(v) or torch.is_tensor(v)}
+        value = metrics.get(self.metric)
+        if value is None:
+            raise KeyError(f"validation produced no metric '{self.metric}' (got {sorted(metrics)})")
+        improved = self._improved(value)
+        if improved:
+            self.best, self.best_iteration = value, iteration
+            atomic_save(self.network.state_dict(), self.model_path)
+        os.makedirs(self.save_dir, exist_ok=True)
+        with open(self.history_path, "a") as f:
+            record = {"iteration": iteration, **metrics, "best": improved, "elapsed_s": round(time.time() - self._start, 2)}
+            f.write(json.dumps(record) + "\n")
+        logger.info(f"validation at iteration {iteration}: {self.metric} = {value:.4f} "
+                    f"(best {self.best:.4f} at iteration {self.best_iteration})")
+
+    def state_dict(self) -> dict:
+        iteration = int(self.trainer.state.iteration) if self.trainer is not None else -1
+        return {"best": self.best if self.best is not None else float("nan"), "best_iteration": self.best_iteration,
+                "iteration": iteration}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        best = float(state["best"])
+        self.best = None if np.isnan(best) else best
+        self.best_iteration = int(state["best_iteration"])
+        # drop history lines written after the checkpoint: the resumed run validates those iterations again
+        until = int(state.get("iteration", -1))
+        if until >= 0 and os.path.exists(self.history_path) and is_main_process():
+            with open(self.history_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["iteration"] <= until]
+            with open(self.history_path, "w") as f:
+                f.writelines(kept)

@@ -1,0 +1,113 @@
+"""The 2D U-Net used by SSL4MIS, SS-Net, Cross-ALD, GapMatch and CML on ACDC (1.81 M parameters, 4 classes).
+
+MONAI's ``UNet``/``BasicUNet`` differ in block layout and dropout, so the paper networks are defined here to
+match the papers' parameter counts and behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from common.networks.outputs import BackboneOutput
+
+__all__ = ["UNet2D"]
+
+
+class _ConvBlock(nn.Module):
+    """3x3 conv -> BN -> LeakyReLU -> Dropout -> 3x3 conv -> BN -> LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.01),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+        self.conv = _ConvBlock(in_channels, out_channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class _UpBlock(nn.Module):
+    """1x1 conv on the deep map, bilinear x2 (align_corners=True), concat with the skip, conv block."""
+
+    def __init__(self, deep_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(deep_channels, skip_channels, kernel_size=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = _ConvBlock(2 * skip_channels, out_channels, dropout=0.0)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(self.reduce(deep))], dim=1))
+
+
+class UNet2D(nn.Module):
+    """SSL4MIS 2D U-Net.
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes (background included).
+        features: widths of the five encoder levels.
+        dropout: encoder dropout per level; the decoder has none.
+
+    ``forward(x)`` maps ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``; H and W must be
+    divisible by 16. ``forward_features(x)`` returns logits, the 16-channel decoder embedding and the five
+    encoder maps from the same pass.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 4,
+        features: Sequence[int] = (16, 32, 64, 128, 256),
+        dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
+    ) -> None:
+        super().__init__()
+        if len(features) != 5 or len(dropout) != 5:
+            raise ValueError(f"UNet2D needs 5 feature widths and 5 dropout rates, got {features} and {dropout}")
+        f = list(features)
+        self.in_conv = _ConvBlock(in_channels, f[0], dropout[0])
+        self.down = nn.ModuleList([_DownBlock(f[i], f[i + 1], dropout[i + 1]) for i in range(4)])
+        self.up = nn.ModuleList([_UpBlock(f[4 - i], f[3 - i], f[3 - i]) for i in range(4)])
+        self.head = nn.Conv2d(f[0], out_channels, kernel_size=3, padding=1)
+        self.embedding_channels = f[0]
+        self.encoder_channels = f
+
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Encoder maps x0..x4: ``[(B, 16, H, W), (B, 32, H/2, W/2), ..., (B, 256, H/16, W/16)]``."""
+        feats = [self.in_conv(x)]
+        for block in self.down:
+            feats.append(block(feats[-1]))
+        return feats
+
+    def decode(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """Decoder embedding ``(B, 16, H, W)`` from the encoder maps."""
+        x = feats[4]
+        for i, block in enumerate(self.up):
+            x = block(x, feats[3 - i])
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
+
+    def forward_features(self, x: torch.Tensor) -> BackboneOutput:
+        feats = self.encode(x)
+        embedding = self.decode(feats)
+        return BackboneOutput(logits=self.head(embedding), embedding=embedding, features=feats)

@@ -1,0 +1,82 @@
+"""The two-stream loader: batch sizes, determinism with workers, resuming, rank shards, weak/strong views."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, ScaleIntensityd
+
+from common.data import TwoStreamLoader, stream_keys, synthetic_items, train_transforms, weak_strong_views
+from common.data.loading import DataError
+
+
+def _datasets(strong=None):
+    lab = synthetic_items(10, [32, 32], 4, seed=0)
+    unlab = synthetic_items(14, [32, 32], 4, seed=1, with_label=False)
+    weak = train_transforms(2, [32, 32], 4)
+    return Dataset(lab, weak), Dataset(unlab, weak_strong_views(train_transforms(2, [32, 32], 4), strong))
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_batch_sizes_and_epoch_length():
+    lab, unlab = _datasets()
+    batch = next(iter(TwoStreamLoader(lab, unlab, 3, 5, seed=1)))
+    assert batch["labeled"]["image"].shape == (3, 1, 32, 32) and batch["labeled"]["label"].shape == (3, 1, 32, 32)
+    assert batch["unlabeled"]["image"].shape == (5, 1, 32, 32) and "label" not in batch["unlabeled"]
+    assert len(TwoStreamLoader(lab, unlab, 3, 5)) == 3  # floor(10 / 3)
+
+
+def test_same_stream_with_and_without_workers():
+    lab, unlab = _datasets()
+    a = _take(TwoStreamLoader(lab, unlab, 2, 2, seed=3, num_workers=0), 4)
+    b = _take(TwoStreamLoader(lab, unlab, 2, 2, seed=3, num_workers=2), 4)
+    for x, y in zip(a, b):
+        assert torch.equal(x["labeled"]["image"], y["labeled"]["image"])
+        assert torch.equal(x["unlabeled"]["image_strong"], y["unlabeled"]["image_strong"])
+    c = _take(TwoStreamLoader(lab, unlab, 2, 2, seed=4), 1)
+    assert not torch.equal(a[0]["labeled"]["image"], c[0]["labeled"]["image"])
+
+
+def test_resume_continues_the_stream():
+    lab, unlab = _datasets()
+    full = _take(TwoStreamLoader(lab, unlab, 2, 2, seed=5), 6)
+    resumed = TwoStreamLoader(lab, unlab, 2, 2, seed=5)
+    resumed.set_start_iteration(4)
+    tail = _take(resumed, 2)
+    for x, y in zip(full[4:], tail):
+        assert torch.equal(x["labeled"]["image"], y["labeled"]["image"])
+        assert torch.equal(x["unlabeled"]["image"], y["unlabeled"]["image"])
+
+
+def test_labeled_epochs_are_permutations_and_unlabeled_cycles_independently():
+    n_lab, n_unlab = 10, 7
+    epoch = [i for it in range(5) for i, _ in stream_keys(n_lab, 2, it, seed=0, stream=0)]
+    assert sorted(epoch) == list(range(10))  # 5 iterations x 2 = one permutation of the labelled set
+    unlab = [i for it in range(7) for i, _ in stream_keys(n_unlab, 2, it, seed=0, stream=1, per_epoch=False)]
+    assert sorted(unlab[:7]) == list(range(7)) and sorted(unlab[7:14]) == list(range(7))
+
+
+def test_ranks_take_disjoint_shares():
+    r0 = [i for i, _ in stream_keys(12, 3, 0, seed=0, stream=0, rank=0, world_size=2)]
+    r1 = [i for i, _ in stream_keys(12, 3, 0, seed=0, stream=0, rank=1, world_size=2)]
+    assert not set(r0) & set(r1) and len(r0) == len(r1) == 3
+
+
+def test_weak_and_strong_views_come_from_one_sampled_image():
+    double = Compose([ScaleIntensityd("image_strong", minv=None, maxv=None, factor=1.0)])  # x * 2
+    lab, unlab = _datasets(strong=double)
+    b = next(iter(TwoStreamLoader(lab, unlab, 2, 4, seed=9)))["unlabeled"]
+    torch.testing.assert_close(b["image_strong"], 2 * b["image"])
+    _, unlab = _datasets()  # default strong ops: intensity only, so the geometry is shared
+    b = next(iter(TwoStreamLoader(lab, unlab, 2, 4, seed=9)))["unlabeled"]
+    for w, s in zip(b["image"], b["image_strong"]):
+        assert np.corrcoef(w.flatten(), s.flatten())[0, 1] > 0.8
+
+
+def test_empty_labeled_set_refused():
+    with pytest.raises(DataError, match="labelled set is empty"):
+        TwoStreamLoader(Dataset([], None), None)
