@@ -84,3 +84,17 @@ def test_torchscript_matches_eager(model: torch.nn.Module, shape: tuple) -> None
     x = torch.randn(*shape)
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-6)
+
+
+def test_frozen_bn_stats_keeps_running_statistics():
+    from common.networks.batchnorm import frozen_bn_stats
+
+    net = UNet2D().train()
+    x = torch.rand(2, 1, 32, 32)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    with frozen_bn_stats(net):
+        net(x)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert all(m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net(x)
+    assert not torch.equal(before["in_conv.block.1.running_mean"], net.state_dict()["in_conv.block.1.running_mean"])
