@@ -13,8 +13,10 @@ SHARED_DIR = Path(os.environ.get("SEMISEG_SHARED", REPO_ROOT.parent / "shared"))
 ACDC_DIR = SHARED_DIR / "data" / "ACDC"
 SCHEMA_PATH = SHARED_DIR / "conventions" / "meta_schema_20240725.json"
 
-# two cores: keep torch from oversubscribing when pytest runs alongside data workers
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Few cores: when the machine is already busy, one intra-op thread per process avoids the oversubscription
+# that makes spinning OpenMP threads crawl; alone (as in CI) use the cores.
+_cores = os.cpu_count() or 1
+torch.set_num_threads(int(os.environ.get("SEMISEG_TEST_THREADS", 1 if os.getloadavg()[0] > _cores else _cores)))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ BUNDLES = sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if (p / "conf
 
 #: overrides that make any 2D bundle train in seconds on tiny synthetic data
 TINY_2D = {
+    "data_source": "synthetic",
     "synthetic": {"num_labeled": 8, "num_unlabeled": 8, "num_validation": 2, "spatial_size": [64, 64]},
     "patch_size": [64, 64],
     "labeled_batch_size": 2,
@@ -24,6 +25,7 @@ TINY_2D = {
 
 #: the same for the 3D (LA overlay) settings
 TINY_3D = {
+    "data_source": "synthetic",
     "synthetic": {"num_labeled": 4, "num_unlabeled": 4, "num_validation": 1, "spatial_size": [48, 48, 32]},
     "patch_size": [32, 32, 32],
     "labeled_batch_size": 1,

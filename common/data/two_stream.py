@@ -22,6 +22,7 @@ from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.loading import DataError
+from common.data.splits import expand_to_slices
 
 __all__ = ["TwoStreamLoader", "stream_keys"]
 
@@ -108,6 +109,8 @@ class TwoStreamLoader:
         seed: seed of the sampling and augmentation streams.
         num_workers: data-loading worker processes per stream.
         rank, world_size: this process's share of each global batch; default from ``torch.distributed``.
+        slice_volumes: train a 2D model: volume items are expanded into one item per slice
+            (:func:`~common.data.splits.expand_to_slices`; slice items pass through), whoever set the data.
 
     ``len(loader)`` is the labelled epoch length in iterations. :meth:`set_start_iteration` makes the next
     ``iter()`` continue from a given iteration (the trainer calls it when resuming).
@@ -124,19 +127,21 @@ class TwoStreamLoader:
         rank: int | None = None,
         world_size: int | None = None,
         collate_fn: Callable = list_data_collate,
+        slice_volumes: bool = False,
     ) -> None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
-        self.labeled = _SeededItems(list(labeled_dataset.data), labeled_dataset.transform)
+        expand = expand_to_slices if slice_volumes else list
+        self.labeled = _SeededItems(expand(labeled_dataset.data), labeled_dataset.transform)
         if len(self.labeled) == 0:
             raise DataError("no labelled items: the labelled set is empty")
         if labeled_batch_size < 1:
             raise ValueError(f"labeled_batch_size must be >= 1, got {labeled_batch_size}")
         self.unlabeled = None
         if unlabeled_dataset is not None and unlabeled_batch_size > 0:
-            self.unlabeled = _SeededItems(list(unlabeled_dataset.data), unlabeled_dataset.transform)
+            self.unlabeled = _SeededItems(expand(unlabeled_dataset.data), unlabeled_dataset.transform)
             if len(self.unlabeled) == 0:
                 self.unlabeled = None
         self.labeled_batch_size = labeled_batch_size

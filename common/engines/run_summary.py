@@ -41,8 +41,9 @@ class RunSummary:
         self.info = dict(info or {})
         self.step_times: list[float] = []
         self._t0 = 0.0
-        self._start = 0.0
+        self._start = time.time()
         self._start_iteration = 0
+        self._earlier_sessions_s = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -66,7 +67,8 @@ class RunSummary:
             **self.info,
             "iterations": int(engine.state.iteration),
             "iterations_this_session": int(engine.state.iteration - self._start_iteration),
-            "wall_time_s": round(time.time() - self._start, 1),
+            "wall_time_s": round(self._earlier_sessions_s + time.time() - self._start, 1),
+            "wall_time_this_session_s": round(time.time() - self._start, 1),
             "s_per_iteration_median": round(float(np.median(times)), 4),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "skipped_iterations": int(getattr(engine, "skipped_iterations", 0)),
@@ -75,6 +77,13 @@ class RunSummary:
             out.update({"best_metric": self.best_saver.metric, "best_value": self.best_saver.best,
                         "best_iteration": self.best_saver.best_iteration, "best_model": self.best_saver.model_path})
         return out
+
+    def state_dict(self) -> dict:
+        """Training time so far, so a resumed run reports the time of all its sessions."""
+        return {"wall_time_s": self._earlier_sessions_s + time.time() - self._start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._earlier_sessions_s = float(state["wall_time_s"])
 
     def _completed(self, engine: Engine) -> None:
         if not is_main_process():
