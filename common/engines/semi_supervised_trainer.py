@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from common.data.loading import DataError
 from common.engines.distributed import all_reduce_gradients, broadcast_state, is_distributed
+from common.engines.tracking import adapt_tracking_handler
 from common.methods.base import SemiSupervisedMethod
 
 __all__ = ["SemiSupervisedTrainer", "NonFiniteLossError", "loss_terms"]
@@ -139,7 +140,7 @@ class SemiSupervisedTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._sync_loader_position)
         self.add_event_handler(Events.STARTED, self._broadcast_initial_state)
         if train_handlers is not None:
-            self._register_handlers(train_handlers)
+            self._register_handlers([adapt_tracking_handler(h) for h in train_handlers])
         if checkpoint is not None:
             checkpoint.attach_saving(self)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
