@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from monai.bundle import ConfigWorkflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +62,27 @@ def run_training(bundle: str, output_dir: str | os.PathLike, configs: Sequence[s
     wf.run()
     wf.finalize()
     return wf
+
+
+class StopTraining(Exception):
+    """Raised from a handler to end a test run at a chosen point."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """MONAI wraps errors raised inside a config expression in RuntimeError("Failed to evaluate ...")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def assert_same_gradients(modules, reference_modules, atol: float = 1e-6, rtol: float = 1e-4) -> None:
+    """Every parameter of ``modules`` has the gradient of the same parameter of ``reference_modules`` (a
+    parameter without a reference gradient must have none or a zero one)."""
+    named = [item for m in modules for item in m.named_parameters()]
+    reference = [p for m in reference_modules for p in m.parameters()]
+    assert len(named) == len(reference)
+    for (name, a), b in zip(named, reference):
+        if b.grad is None:
+            assert a.grad is None or float(a.grad.abs().max()) == 0, name
+        else:
+            torch.testing.assert_close(a.grad, b.grad, atol=atol, rtol=rtol, msg=name)

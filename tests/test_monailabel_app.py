@@ -29,6 +29,8 @@ pytest.importorskip("monailabel", reason="monailabel not installed (python tools
 
 import nibabel as nib  # noqa: E402
 import torch  # noqa: E402
+
+import common.data  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 from conftest import ACDC_DIR  # noqa: E402
@@ -392,13 +394,18 @@ def test_train_task_feeds_unlabelled_images_through_the_bundle_split(app_module,
     assert captured["output_dir"] == os.path.join(str(bundle), "runs", "monailabel")
     assert captured["ckpt_dir"] == os.path.join(str(bundle), "models")
     assert captured["resume"] is False and captured["num_workers"] == 0
-    # the resolved split is a DataSplit whose 2D expansion gives the slices the trainer iterates over
+    # the resolved split is a DataSplit of volumes; the two-stream loader cuts them into the 2D slices it
+    # iterates over (both streams), validation stays per volume
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
     for k, v in captured.items():
         parser[k] = v
-    assert len(parser.get_parsed_content("train#dataset#data")) == 2 * SLICES
-    assert len(parser.get_parsed_content("train#unlabeled_dataset#data")) == 2 * SLICES
+    assert len(parser.get_parsed_content("train#dataset#data")) == 2
+    assert len(parser.get_parsed_content("train#unlabeled_dataset#data")) == 2
+    loader = parser.get_parsed_content("train#dataloader")
+    assert len(loader.labeled) == 2 * SLICES
+    assert len(common.data.expand_to_slices(parser.get_parsed_content("train#unlabeled_dataset#data"))) == 2 * SLICES
+    assert len(loader) == 2 * SLICES // 4
     assert len(parser.get_parsed_content("validate#dataset#data")) == 1
 
 
@@ -419,8 +426,10 @@ def test_train_task_starts_from_the_served_weights_unless_told_not_to(app_module
                for handlers in runs]
     assert [len(found) for found in loaders] == [1, 1, 0]  # added once per request, removed when not wanted
     assert loaders[0][0]["load_path"] == str(bundle / "models" / "model.pt")
-    # the bundle's reference entries ("@train#best_saver", "@train::best_saver" once parsed) are left alone
-    assert any(isinstance(h, str) and h.endswith("best_saver") for h in runs[-1])
+    # the bundle's own handlers are left in place, in order, behind the loader
+    bundle_handlers = ConfigParser.load_config_file(str(bundle / "configs" / "train.json"))["train"]["handlers"]
+    assert [h.get("_target_") for h in runs[-1]] == [h.get("_target_") for h in bundle_handlers]
+    assert [h.get("_target_") for h in runs[0]] == ["CheckpointLoader"] + [h.get("_target_") for h in bundle_handlers]
 
 
 def test_method_needing_unlabelled_images_fails_clearly_without_them(app_module, tmp_path):

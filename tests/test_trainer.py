@@ -8,18 +8,9 @@ from ignite.engine import Events
 
 from common.data.loading import DataError
 from common.engines import NonFiniteLossError, load_checkpoint
-from helpers import TINY_2D, run_training, workflow
+from helpers import StopTraining, TINY_2D, run_training, workflow, root_cause
 
 
-class _Stop(Exception):
-    pass
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """MONAI wraps errors raised inside a config expression in RuntimeError("Failed to evaluate ...")."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
 
 
 def _record_losses(wf, stop_at=None):
@@ -30,7 +21,7 @@ def _record_losses(wf, stop_at=None):
     def _record(engine):
         losses.append((engine.state.iteration, float(engine.state.output["loss"])))
         if stop_at is not None and engine.state.iteration == stop_at:
-            raise _Stop()
+            raise StopTraining()
 
     return losses
 
@@ -45,7 +36,7 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     cut_losses = _record_losses(cut, stop_at=5)  # dies after iteration 5; the last checkpoint is at 4
     with pytest.raises(RuntimeError) as info:
         cut.run()
-    assert isinstance(_root_cause(info.value), _Stop)
+    assert isinstance(root_cause(info.value), StopTraining)
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["trainer"]["iteration"] == 4
 
     again = workflow("supervised", output_dir=str(tmp_path / "cut"), **params)
@@ -91,7 +82,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     method.train_step = poisoned
     with pytest.raises(RuntimeError) as info:
         wf.run()
-    err = _root_cause(info.value)
+    err = root_cause(info.value)
     assert isinstance(err, NonFiniteLossError) and "loss 'loss' is nan at iteration 3" in str(err)
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert state["trainer"]["iteration"] == 2
@@ -117,7 +108,7 @@ def test_method_needing_unlabeled_data_refuses_empty_set(tmp_path):
     try:
         with pytest.raises(RuntimeError) as info:
             wf.parser.get_parsed_content("train#trainer")
-        err = _root_cause(info.value)
+        err = root_cause(info.value)
         assert isinstance(err, DataError) and "needs unlabelled data, but the unlabelled set is empty" in str(err)
     finally:
         type(method).requires_unlabeled = False

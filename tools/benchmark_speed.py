@@ -36,7 +36,13 @@ PASS_COUNTS = {
 }
 
 #: overrides a bundle needs so that the timed iterations are its steady-state step
-EXTRA_OVERRIDES: dict[str, dict] = {}
+EXTRA_OVERRIDES: dict[str, dict] = {
+    # an untrained network is rarely 95% confident, so GapMatch could skip its theta* pass (empty mask, no
+    # direction) in the timed iterations 5..25; tau = 0 times the steady-state step with every pass
+    "gapmatch": {"confidence_threshold": 0.0},
+    # CML's pass count is that of its self-training step; its cheaper labelled-only pre-training is skipped
+    "cml": {"pretrain_iterations": 0},
+}
 
 
 def _bundles() -> list[str]:

@@ -126,8 +126,16 @@ class _EngineProgress:
         return {"iteration": int(self.engine.state.iteration), "epoch": int(self.engine.state.epoch)}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.engine.state.iteration = int(state["iteration"])
+        iteration = int(state["iteration"])
+        self.engine.state.iteration = iteration
         self.engine.state.epoch = int(state["epoch"])
+        epoch_length = getattr(self.engine.state, "epoch_length", None)
+        max_iterations = getattr(self.engine, "max_iterations", None)
+        if epoch_length and not (max_iterations is not None and iteration >= max_iterations):
+            # Ignite counts an epoch when it starts: a checkpoint written in the middle of epoch e stores e, and
+            # resuming with e would end the run one epoch early. Resume with the completed epochs, as Ignite's
+            # Engine.load_state_dict does (a finished run keeps its stored epoch and runs nothing more).
+            self.engine.state.epoch = iteration // int(epoch_length)
 
 
 class ResumeCheckpoint:

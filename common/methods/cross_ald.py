@@ -1,0 +1,186 @@
+"""Cross-ALD (Nguyen-Duc et al., MICCAI 2023): SS-Net with its VAT term replaced by the cross-adversarial local
+distribution regulariser, plus the rows of the paper's ablation (Table 3) as options."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from common.losses.class_separation import ClassSeparation
+from common.losses.cross_ald import CrossALDRegularizer
+from common.losses.dice_vat import DiceVAT
+from common.methods.base import Batch, SemiSupervisedMethod
+from common.svgdf import SVGDFSampler
+
+__all__ = ["CrossALDMethod", "build_regularizer", "REGULARIZERS", "TABLE3_ROWS"]
+
+#: the regulariser of each row of the paper's Table 3 (``build_regularizer(kind)``)
+REGULARIZERS = ("cross_ald", "svgdf", "svgd", "vat", "vat_mixup", "random_mixup")
+
+#: Table 3 row -> (``regularizer``, ``use_class_separation``); our reading of the ablation (bundle docs)
+TABLE3_ROWS = {
+    "RanMixup": ("random_mixup", False),
+    "VAT": ("vat", False),
+    "VAT + Mixup": ("vat_mixup", False),
+    "SVGD": ("svgd", False),
+    "SVGDF": ("svgdf", False),
+    "SVGDF + L_cs": ("svgdf", True),
+    "Cross-ALD": ("cross_ald", True),
+}
+
+
+def build_regularizer(
+    kind: str = "cross_ald",
+    num_particles: int = 2,
+    steps: int = 1,
+    epsilon: float = 6.0,
+    step_size: Optional[float] = None,
+    norm: str = "l2",
+    mode: str = "vat_like",
+    bandwidth: Optional[float] = None,
+    features: str = "encoder",
+    repulsion_jacobian: str = "own",
+    xi: float = 10.0,
+    alpha: float = 0.5,
+    pairing: str = "matched",
+    target: str = "prediction",
+    squared_pred: bool = True,
+    joint_channels: bool = False,
+    smooth: float = 1e-10,
+) -> nn.Module:
+    """The regulariser ``(network, x) -> scalar`` (with ``compute(network, x).loss``) of one ablation row.
+
+    ==================  =====================================================================================
+    ``kind``            regulariser
+    ==================  =====================================================================================
+    ``cross_ald``       SVGDF particles (kernel on the encoder bottleneck), mixed across images (Eq. 7)
+    ``svgdf``           SVGDF particles, each against its own image (no mixing)
+    ``svgd``            vanilla SVGD particles (kernel on the images), no mixing
+    ``vat``             SS-Net's Dice-VAT L_lds (:class:`DiceVAT`: one adversarial example per image)
+    ``vat_mixup``       one VAT example per image (``SVGDFSampler(num_particles=1, kernel="none")``), mixed
+    ``random_mixup``    mixup of the natural images against the mixed predictions (no perturbation)
+    ==================  =====================================================================================
+
+    ``features`` (Phi of the ``cross_ald``/``svgdf`` kernel: ``"encoder"`` or ``"decoder"``) and the other arguments
+    are those of :class:`~common.svgdf.SVGDFSampler` and
+    :class:`~common.losses.cross_ald.CrossALDRegularizer`; the VAT rows ignore the kernel ones.
+    """
+    if kind not in REGULARIZERS:
+        raise ValueError(f"regularizer must be one of {REGULARIZERS}, got '{kind}'")
+    dice = {"squared_pred": squared_pred, "joint_channels": joint_channels, "smooth": smooth}
+    if kind == "vat":
+        return DiceVAT(epsilon=epsilon, xi=xi, iterations=steps, divergence="dice", **dice)
+    if kind == "random_mixup":
+        return CrossALDRegularizer(None, mix=True, alpha=alpha, pairing="matched", target="mixed_targets", **dice)
+    sampler_args = {"steps": steps, "epsilon": epsilon, "step_size": step_size, "norm": norm, "mode": mode,
+                    "bandwidth": bandwidth, "repulsion_jacobian": repulsion_jacobian, "xi": xi, **dice}
+    if kind == "vat_mixup":
+        sampler = SVGDFSampler(num_particles=1, kernel="none", **sampler_args)
+    else:
+        phi = "identity" if kind == "svgd" else features
+        sampler = SVGDFSampler(num_particles=num_particles, features=phi, kernel="rbf", **sampler_args)
+    mix = kind in ("cross_ald", "vat_mixup")
+    return CrossALDRegularizer(sampler, mix=mix, alpha=alpha, pairing=pairing, target=target, **dice)
+
+
+class CrossALDMethod(SemiSupervisedMethod):
+    """``L = L_seg + lambda(t) * (w_R * R + cs_weight * (L_cs(labelled) + L_cs(unlabelled)))``.
+
+    SS-Net's iteration (:class:`~common.methods.ssnet.SSNetMethod`) with its L_lds replaced by ``regularizer`` (the
+    paper: "replacing l_vat with the proposed Cross-ALD regularization in SS-Net code"). On ``x = [x_l ; x_u]``:
+
+    1. ``network.forward_features(x)`` -> logits, decoder embedding; ``L_seg = loss_function(logits_l, y_l)``;
+    2. with ``use_class_separation``: prototype memory refresh from correct labelled foreground pixels, then L_cs of
+       the labelled half (ground truth) and of the unlabelled half (argmax pseudo-labels), exactly SS-Net's pieces
+       (:class:`~common.losses.class_separation.ClassSeparation`); without it the heads are not built or run;
+    3. this part is back-propagated at once (frees its graph before the particle passes; the weights do not change
+       in between, so the accumulated gradient is that of the total loss);
+    4. ``R = regularizer(network, S)``, ``S`` = the whole batch (SS-Net's convention for its VAT term) or the
+       unlabelled half (``unlabeled_only``, the paper's Eq. 8 wording); the trainer back-propagates ``lambda R``.
+
+    Args:
+        loss_function: supervised loss ``(logits (B_l, C, *sp), label (B_l, 1, *sp)) -> scalar`` (SS-Net: soft Dice).
+        regularizer: ``(network, x) -> R`` with ``compute(network, x).loss`` (:func:`build_regularizer`).
+        class_separation: SS-Net's heads and memory (ignored, and not kept, when ``use_class_separation`` is off).
+        consistency: ``lambda(t)`` from the 0-based iteration (SS-Net ramp) or a constant.
+        cs_weight: L_cs weight relative to lambda(t) (0.1, SS-Net code).
+        regularizer_weight: R weight relative to lambda(t) (1: lambda_Cross-ALD = lambda(t)).
+        use_class_separation: L_cs on (Cross-ALD, "SVGDF + L_cs") or off (the other ablation rows).
+        unlabeled_only: regularise the unlabelled half only.
+    """
+
+    def __init__(
+        self,
+        loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        regularizer: nn.Module,
+        class_separation: Optional[ClassSeparation],
+        consistency: Union[Callable[[int], float], float],
+        cs_weight: float = 0.1,
+        regularizer_weight: float = 1.0,
+        use_class_separation: bool = True,
+        unlabeled_only: bool = False,
+    ) -> None:
+        super().__init__()
+        if cs_weight < 0 or regularizer_weight < 0:
+            raise ValueError(f"CrossALDMethod weights must be >= 0, got cs_weight={cs_weight}, "
+                             f"regularizer_weight={regularizer_weight}")
+        if use_class_separation and class_separation is None:
+            raise ValueError("use_class_separation=True needs a ClassSeparation module (got None)")
+        if not hasattr(regularizer, "compute"):
+            raise TypeError(f"regularizer must have compute(network, x).loss, got {type(regularizer).__name__}")
+        self.loss_function = loss_function
+        self.regularizer = regularizer
+        self.class_separation = class_separation if use_class_separation else None
+        self.consistency = consistency if callable(consistency) else (lambda _t, w=float(consistency): w)
+        self.cs_weight = float(cs_weight)
+        self.regularizer_weight = float(regularizer_weight)
+        self.use_class_separation = bool(use_class_separation)
+        self.unlabeled_only = bool(unlabeled_only)
+
+    def train_step(self, engine, labeled: Batch, unlabeled: Optional[Batch]) -> Dict[str, torch.Tensor]:
+        network = engine.network
+        x_l, y_l = labeled["image"], labeled["label"]
+        n_l = x_l.shape[0]
+        x = torch.cat([x_l, unlabeled["image"]], dim=0)
+        weight = float(self.consistency(engine.step_index))
+
+        if self.class_separation is not None:
+            out = network.forward_features(x)
+            logits, embedding = out.logits, out.embedding
+            loss_seg = self.loss_function(logits[:n_l], y_l)
+            loss_cs_l, loss_cs_u = self.class_separation.labeled_and_unlabeled(embedding, logits, y_l, n_l)
+            del out, embedding
+        else:
+            # the same full-batch forward as SS-Net (BN statistics of the whole batch), without the heads
+            logits = network(x)
+            loss_seg = self.loss_function(logits[:n_l], y_l)
+            loss_cs_l = loss_cs_u = x.new_zeros(())
+        main = loss_seg + weight * self.cs_weight * (loss_cs_l + loss_cs_u)
+        if main.requires_grad:
+            engine.backward(main)
+        del logits
+
+        extra: Dict[str, torch.Tensor] = {}
+        if self.regularizer_weight > 0:
+            result = self.regularizer.compute(network, x[n_l:] if self.unlabeled_only else x)
+            loss_reg = result.loss
+            gamma = getattr(result, "gamma", None)
+            if gamma is not None:
+                extra["mix_gamma"] = gamma.detach().float().cpu()
+            # sizes of the two terms of the Stein direction: whether the score or the repulsion steers the particles
+            for name, value in (getattr(result, "stats", None) or {}).items():
+                extra[f"particle_{name}_norm"] = value.float().cpu()
+        else:
+            loss_reg = x.new_zeros(())
+        loss = main.detach() + weight * self.regularizer_weight * loss_reg
+        return {
+            "loss": loss,
+            "loss_seg": loss_seg.detach(),
+            "loss_cross_ald": loss_reg.detach(),
+            "loss_cs_labeled": loss_cs_l.detach(),
+            "loss_cs_unlabeled": loss_cs_u.detach(),
+            "consistency_weight": torch.tensor(weight),
+            **extra,
+        }
