@@ -81,12 +81,16 @@ def results_table(rows: list[dict], speed: dict[str, dict]) -> str:
         mean = r["eval"].get("mean", {})
         per_class = " / ".join(_fmt(r["eval"].get(c, {}).get("dice"), 100, 1) for c in ("RV", "MYO", "LV"))
         wall = r["summary"].get("wall_time_s")
+        done, this_session = r["summary"].get("iterations"), r["summary"].get("iterations_this_session")
+        # a run resumed from a checkpoint without the summary's state knows only its last session's time
+        partial = f" (last {this_session} it.)" if wall and this_session and done and this_session < done and \
+            r["summary"].get("wall_time_this_session_s", wall) == wall else ""
         sp = speed.get(r["bundle"], {})
         paper = PAPER_ACDC.get(r["bundle"], {}).get(r["labeled"], (None,) * 4)
         lines.append(
             f"| {r['bundle']} | {LABELS[r['labeled']]} | {_fmt(mean.get('dice'), 100)} | {_fmt(mean.get('jaccard'), 100)} | "
             f"{_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} | {per_class} | {r['summary'].get('best_iteration', '-')} | "
-            f"{_fmt(wall / 60.0 if wall else None, 1, 1)} min | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
+            f"{_fmt(wall / 60.0 if wall else None, 1, 1)} min{partial} | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
             f"{_fmt(sp.get('ratio_to_supervised'), 1, 2)} (pass count {sp.get('pass_count', '-')}) | "
             + " | ".join(_fmt(v) for v in paper) + " |")
     return "\n".join(lines)
