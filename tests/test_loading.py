@@ -83,3 +83,17 @@ def test_constant_image_normalises_to_zeros(tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 2), 5.0, np.float32), np.eye(4)), str(tmp_path / "k.nii.gz"))
     d = LoadSampled(keys="image", layout="volume", intensity="minmax")({"image": str(tmp_path / "k.nii.gz")})
     assert torch.count_nonzero(d["image"]) == 0
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_nifti_names_file(tmp_path, name):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.random.rand(32, 32, 8).astype(np.float32), np.eye(4)), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=name.replace(".", r"\.")):
+        LoadSampled(keys="image", layout="volume")({"image": str(path)})
+    # slicing reads only the header; the slice's own load is what refuses the truncated data
+    item = expand_to_slices([{"image": str(path), "name": "cut"}])[0]
+    with pytest.raises(DataError, match=name.replace(".", r"\.") + ": cannot be read"):
+        LoadSampled(keys="image", intensity="none")(item)

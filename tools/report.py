@@ -44,21 +44,43 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
     return f"{value * scale:.{digits}f}"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    import hashlib
+
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
 def collect_runs(protocol: str) -> list[dict]:
-    """One record per bundle x labelled count that has an evaluated run of ``protocol``."""
+    """One record per evaluated run of ``protocol``: the bundle's default run ``<protocol>_<K>p`` and its variants
+    ``<protocol>_<K>p_<variant>`` (other overlays or options, e.g. a Table-2 base method). ``shipped`` marks the run
+    whose best model is the bundle's ``models/model.pt``."""
     rows = []
     for bundle in BUNDLE_ORDER:
+        shipped_weights = REPO / "bundles" / bundle / "models" / "model.pt"
         for k in LABELS:
-            run = REPO / "bundles" / bundle / "runs" / f"{protocol}_{k}p"
-            evaluation = _load_json(run / "eval" / "summary.json")
-            if evaluation is None:
-                continue
-            summary = _load_json(run / "summary.json") or {}
-            history_path = run / "models" / "validation.jsonl"
-            history = [json.loads(l) for l in history_path.read_text().splitlines() if l.strip()] if history_path.is_file() else []
-            rows.append({"bundle": bundle, "labeled": k, "run": run, "eval": evaluation, "summary": summary,
-                         "history": history})
+            base = f"{protocol}_{k}p"
+            runs = [REPO / "bundles" / bundle / "runs" / base]
+            runs += sorted((REPO / "bundles" / bundle / "runs").glob(f"{base}_*"))
+            for run in runs:
+                evaluation = _load_json(run / "eval" / "summary.json")
+                if evaluation is None:
+                    continue
+                variant = run.name[len(base) + 1:] or None
+                summary = _load_json(run / "summary.json") or {}
+                history_path = run / "models" / "validation.jsonl"
+                history = [json.loads(l) for l in history_path.read_text().splitlines() if l.strip()] if history_path.is_file() else []
+                shipped = _same_file(run / "models" / "model.pt", shipped_weights)
+                label = bundle + (f" [{variant}]" if variant else "") + (" (shipped)" if shipped else "")
+                rows.append({"bundle": bundle, "variant": variant, "label": label, "shipped": shipped, "labeled": k,
+                             "run": run, "eval": evaluation, "summary": summary, "history": history})
     return rows
+
+
+def _plotted(rows: list[dict], labeled: int) -> list[dict]:
+    """Default runs and shipped variants: one curve / panel per method."""
+    return [r for r in rows if r["labeled"] == labeled and (r["variant"] is None or r["shipped"])]
 
 
 def speed_rows(path: Path) -> dict[str, dict]:
@@ -85,13 +107,14 @@ def results_table(rows: list[dict], speed: dict[str, dict]) -> str:
         # a run resumed from a checkpoint without the summary's state knows only its last session's time
         partial = f" (last {this_session} it.)" if wall and this_session and done and this_session < done and \
             r["summary"].get("wall_time_this_session_s", wall) == wall else ""
-        sp = speed.get(r["bundle"], {})
-        paper = PAPER_ACDC.get(r["bundle"], {}).get(r["labeled"], (None,) * 4)
+        # a variant may change the step (another base method): the bundle's speed row describes the default step
+        sp = speed.get(r["bundle"], {}) if r["variant"] is None else {}
+        paper = PAPER_ACDC.get(r["bundle"], {}).get(r["labeled"], (None,) * 4) if r["variant"] is None else (None,) * 4
         lines.append(
-            f"| {r['bundle']} | {LABELS[r['labeled']]} | {_fmt(mean.get('dice'), 100)} | {_fmt(mean.get('jaccard'), 100)} | "
+            f"| {r['label']} | {LABELS[r['labeled']]} | {_fmt(mean.get('dice'), 100)} | {_fmt(mean.get('jaccard'), 100)} | "
             f"{_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} | {per_class} | {r['summary'].get('best_iteration', '-')} | "
             f"{_fmt(wall / 60.0 if wall else None, 1, 1)} min{partial} | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
-            f"{_fmt(sp.get('ratio_to_supervised'), 1, 2)} (pass count {sp.get('pass_count', '-')}) | "
+            + (f"{_fmt(sp.get('ratio_to_supervised'), 1, 2)} (pass count {sp.get('pass_count', '-')}) | " if sp else "- | ")
             + " | ".join(_fmt(v) for v in paper) + " |")
     return "\n".join(lines)
 
@@ -102,14 +125,14 @@ def plot_learning_curves(rows: list[dict], out: Path, labeled: int) -> Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [r for r in rows if r["labeled"] == labeled and r["history"]]
+    chosen = [r for r in _plotted(rows, labeled) if r["history"]]
     if not chosen:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in chosen:
         its = [h["iteration"] for h in r["history"]]
         dice = [100 * h["val_mean_dice"] for h in r["history"]]
-        ax.plot(its, dice, marker="o", label=r["bundle"])
+        ax.plot(its, dice, marker="o", label=r["label"])
     ax.set_xlabel("iteration")
     ax.set_ylabel("validation mean Dice (%)")
     ax.set_title(f"ACDC-CPU v1, {LABELS[labeled]}: validation Dice during training")
@@ -146,7 +169,7 @@ def plot_examples(rows: list[dict], out: Path, dataset_dir: Path, case: str, lab
 
     from common.evaluation import ResizeToPatch
 
-    chosen = [r for r in rows if r["labeled"] == labeled and (r["run"] / "models" / "model.pt").is_file()]
+    chosen = [r for r in _plotted(rows, labeled) if (r["run"] / "models" / "model.pt").is_file()]
     path = dataset_dir / "data" / f"{case}.h5"
     if not chosen or not path.is_file():
         return None
@@ -159,7 +182,7 @@ def plot_examples(rows: list[dict], out: Path, dataset_dir: Path, case: str, lab
         net, patch = _bundle_network(r["bundle"], r["run"] / "models" / "model.pt")
         with torch.no_grad():
             pred = ResizeToPatch(net, patch)(x).argmax(1)[0].numpy()
-        panels.append((r["bundle"], pred))
+        panels.append((r["label"].replace(" (shipped)", ""), pred))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
     cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.55), (0.2, 0.8, 0.2, 0.55), (0.2, 0.4, 1.0, 0.55)])
     for ax, (title, seg) in zip(axes, panels):
