@@ -11,7 +11,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from common.networks.outputs import BackboneOutput
+from common.networks.outputs import EncoderDecoder
 
 __all__ = ["UNet2D"]
 
@@ -58,7 +58,7 @@ class _UpBlock(nn.Module):
         return self.conv(torch.cat([skip, self.up(self.reduce(deep))], dim=1))
 
 
-class UNet2D(nn.Module):
+class UNet2D(EncoderDecoder):
     """SSL4MIS 2D U-Net.
 
     Args:
@@ -103,11 +103,3 @@ class UNet2D(nn.Module):
         for i, block in enumerate(self.up):
             x = block(x, feats[3 - i])
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))
-
-    def forward_features(self, x: torch.Tensor) -> BackboneOutput:
-        feats = self.encode(x)
-        embedding = self.decode(feats)
-        return BackboneOutput(logits=self.head(embedding), embedding=embedding, features=feats)

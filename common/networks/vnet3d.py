@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from common.networks.outputs import BackboneOutput
+from common.networks.outputs import EncoderDecoder
 
 __all__ = ["VNet3D"]
 
@@ -52,7 +52,7 @@ class _Up(nn.Sequential):
         )
 
 
-class VNet3D(nn.Module):
+class VNet3D(EncoderDecoder):
     """UA-MT / SS-Net 3D V-Net.
 
     Args:
@@ -128,11 +128,3 @@ class VNet3D(nn.Module):
         if self.dropout_dec is not None:
             x = self.dropout_dec(x)
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))
-
-    def forward_features(self, x: torch.Tensor) -> BackboneOutput:
-        feats = self.encode(x)
-        embedding = self.decode(feats)
-        return BackboneOutput(logits=self.head(embedding), embedding=embedding, features=feats)
