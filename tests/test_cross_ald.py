@@ -304,6 +304,12 @@ def test_unlabeled_only_regularises_the_unlabelled_half():
     assert seen == [2]
 
 
+def test_single_unlabelled_image_is_refused_with_the_setting_to_change():
+    net, method, labeled, unlabeled = _method_setup("cross_ald", True, unlabeled_only=True)
+    with pytest.raises(ValueError, match="unlabeled_batch_size >= 2"):
+        method.train_step(_engine(net), labeled, {"image": unlabeled["image"][:1]})
+
+
 def test_bad_method_arguments_are_named():
     with pytest.raises(ValueError, match="regularizer must be one of"):
         build_regularizer("mixmatch")
@@ -328,7 +334,9 @@ def test_overlays_and_ablation_options():
     s = reg.sampler
     assert (s.num_particles, s.steps, s.epsilon, s.norm, s.mode, s.features, s.bandwidth) == (
         2, 1, 6.0, "l2", "vat_like", "encoder", None)
-    assert method.class_separation is not None and method.cs_weight == 0.1 and not method.unlabeled_only
+    assert method.class_separation is not None and method.cs_weight == 0.1 and method.unlabeled_only
+    assert not workflow("cross_ald", ["train.json"], output_dir="/tmp/unused", unlabeled_only=False).parser.\
+        get_parsed_content("method").unlabeled_only
     la = workflow("cross_ald", ["train.json", "la.json"], output_dir="/tmp/unused", dataset_dir="/none").parser
     ramp = la.get_parsed_content("consistency_schedule")
     assert (ramp.max_value, ramp.length, ramp.step) == (1.0, 6000.0, 150.0)
@@ -359,5 +367,5 @@ def test_bundle_2d_iteration(tmp_path):
 
 def test_bundle_3d_la_iteration(tmp_path):
     wf = run_training("cross_ald", tmp_path, configs=("train.json", "la.json"), tiny=TINY_3D, data_source="synthetic",
-                      iterations=1, val_interval=1)
+                      iterations=1, val_interval=1, unlabeled_batch_size=2)
     _check_iteration(wf, tmp_path, 3)

@@ -97,8 +97,9 @@ class CrossALDMethod(SemiSupervisedMethod):
        (:class:`~common.losses.class_separation.ClassSeparation`); without it the heads are not built or run;
     3. this part is back-propagated at once (frees its graph before the particle passes; the weights do not change
        in between, so the accumulated gradient is that of the total loss);
-    4. ``R = regularizer(network, S)``, ``S`` = the whole batch (SS-Net's convention for its VAT term) or the
-       unlabelled half (``unlabeled_only``, the paper's Eq. 8 wording); the trainer back-propagates ``lambda R``.
+    4. ``R = regularizer(network, S)``, ``S`` = the unlabelled half (``unlabeled_only``, default: the paper defines
+       R over ``x ~ P_Dul``, Eq. 8) or the whole batch (SS-Net's convention for the VAT term R replaces); the
+       trainer back-propagates ``lambda R``.
 
     Args:
         loss_function: supervised loss ``(logits (B_l, C, *sp), label (B_l, 1, *sp)) -> scalar`` (SS-Net: soft Dice).
@@ -108,7 +109,7 @@ class CrossALDMethod(SemiSupervisedMethod):
         cs_weight: L_cs weight relative to lambda(t) (0.1, SS-Net code).
         regularizer_weight: R weight relative to lambda(t) (1: lambda_Cross-ALD = lambda(t)).
         use_class_separation: L_cs on (Cross-ALD, "SVGDF + L_cs") or off (the other ablation rows).
-        unlabeled_only: regularise the unlabelled half only.
+        unlabeled_only: regularise the unlabelled half only (paper); ``False``: the whole batch (SS-Net code).
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class CrossALDMethod(SemiSupervisedMethod):
         cs_weight: float = 0.1,
         regularizer_weight: float = 1.0,
         use_class_separation: bool = True,
-        unlabeled_only: bool = False,
+        unlabeled_only: bool = True,
     ) -> None:
         super().__init__()
         if cs_weight < 0 or regularizer_weight < 0:
@@ -164,7 +165,14 @@ class CrossALDMethod(SemiSupervisedMethod):
 
         extra: Dict[str, torch.Tensor] = {}
         if self.regularizer_weight > 0:
-            result = self.regularizer.compute(network, x[n_l:] if self.unlabeled_only else x)
+            regularised = x[n_l:] if self.unlabeled_only else x
+            if getattr(self.regularizer, "mix", False) and regularised.shape[0] < 2:
+                # mixing pairs every image with another one: a single image has no partner
+                raise ValueError(
+                    f"Cross-ALD mixes pairs of images but the regularised set has {regularised.shape[0]} image(s): "
+                    + ("set unlabeled_batch_size >= 2 (R is computed on the unlabelled half), or unlabeled_only=False"
+                       if self.unlabeled_only else "use a batch of at least 2 images"))
+            result = self.regularizer.compute(network, regularised)
             loss_reg = result.loss
             gamma = getattr(result, "gamma", None)
             if gamma is not None:
