@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also append the rows to this JSON-lines file")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.bundles or []) - set(_bundles()))
+    if unknown:
+        parser.error(f"--bundles: unknown bundle(s) {unknown}; available: {_bundles()}")
 
     if args.single:
         print("ROW " + json.dumps(run_single(args.single, args)), flush=True)

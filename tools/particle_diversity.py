@@ -69,6 +69,10 @@ def main() -> None:
                         help="train: dropout and batch statistics as in training (seeded); eval: deterministic")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
+    if not Path(args.weights).is_file():
+        parser.error(f"--weights: no file at {args.weights}")
+    if not (Path(args.dataset_dir) / "train_slices.list").is_file():
+        parser.error(f"--dataset_dir: {args.dataset_dir} has no train_slices.list (SSL4MIS ACDC layout expected)")
 
     net = UNet2D(1, 4)
     net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))

@@ -3,7 +3,7 @@ distribution regulariser, plus the rows of the paper's ablation (Table 3) as opt
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from common.losses.class_separation import ClassSeparation
 from common.losses.cross_ald import CrossALDRegularizer
 from common.losses.dice_vat import DiceVAT
-from common.methods.base import Batch, SemiSupervisedMethod
+from common.methods.ssnet import SSNetMethod
 from common.svgdf import SVGDFSampler
 
 __all__ = ["CrossALDMethod", "build_regularizer", "REGULARIZERS", "TABLE3_ROWS"]
@@ -85,7 +85,7 @@ def build_regularizer(
     return CrossALDRegularizer(sampler, mix=mix, alpha=alpha, pairing=pairing, target=target, **dice)
 
 
-class CrossALDMethod(SemiSupervisedMethod):
+class CrossALDMethod(SSNetMethod):
     """``L = L_seg + lambda(t) * (w_R * R + cs_weight * (L_cs(labelled) + L_cs(unlabelled)))``.
 
     SS-Net's iteration (:class:`~common.methods.ssnet.SSNetMethod`) with its L_lds replaced by ``regularizer`` (the
@@ -112,6 +112,8 @@ class CrossALDMethod(SemiSupervisedMethod):
         unlabeled_only: regularise the unlabelled half only (paper); ``False``: the whole batch (SS-Net code).
     """
 
+    regularizer_loss_name = "loss_cross_ald"
+
     def __init__(
         self,
         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -123,72 +125,38 @@ class CrossALDMethod(SemiSupervisedMethod):
         use_class_separation: bool = True,
         unlabeled_only: bool = True,
     ) -> None:
-        super().__init__()
-        if cs_weight < 0 or regularizer_weight < 0:
-            raise ValueError(f"CrossALDMethod weights must be >= 0, got cs_weight={cs_weight}, "
-                             f"regularizer_weight={regularizer_weight}")
         if use_class_separation and class_separation is None:
             raise ValueError("use_class_separation=True needs a ClassSeparation module (got None)")
         if not hasattr(regularizer, "compute"):
             raise TypeError(f"regularizer must have compute(network, x).loss, got {type(regularizer).__name__}")
-        self.loss_function = loss_function
-        self.regularizer = regularizer
-        self.class_separation = class_separation if use_class_separation else None
-        self.consistency = consistency if callable(consistency) else (lambda _t, w=float(consistency): w)
-        self.cs_weight = float(cs_weight)
-        self.regularizer_weight = float(regularizer_weight)
+        super().__init__(loss_function, regularizer, class_separation if use_class_separation else None,
+                         consistency, cs_weight=cs_weight, lds_weight=regularizer_weight)
         self.use_class_separation = bool(use_class_separation)
         self.unlabeled_only = bool(unlabeled_only)
 
-    def train_step(self, engine, labeled: Batch, unlabeled: Optional[Batch]) -> Dict[str, torch.Tensor]:
-        network = engine.network
-        x_l, y_l = labeled["image"], labeled["label"]
-        n_l = x_l.shape[0]
-        x = torch.cat([x_l, unlabeled["image"]], dim=0)
-        weight = float(self.consistency(engine.step_index))
+    @property
+    def regularizer(self) -> nn.Module:
+        """The Cross-ALD (or ablation-row) regulariser: SS-Net's L_lds slot."""
+        return self.vat
 
-        if self.class_separation is not None:
-            out = network.forward_features(x)
-            logits, embedding = out.logits, out.embedding
-            loss_seg = self.loss_function(logits[:n_l], y_l)
-            loss_cs_l, loss_cs_u = self.class_separation.labeled_and_unlabeled(embedding, logits, y_l, n_l)
-            del out, embedding
-        else:
-            # the same full-batch forward as SS-Net (BN statistics of the whole batch), without the heads
-            logits = network(x)
-            loss_seg = self.loss_function(logits[:n_l], y_l)
-            loss_cs_l = loss_cs_u = x.new_zeros(())
-        main = loss_seg + weight * self.cs_weight * (loss_cs_l + loss_cs_u)
-        if main.requires_grad:
-            engine.backward(main)
-        del logits
+    @property
+    def regularizer_weight(self) -> float:
+        return self.lds_weight
 
+    def regularize(self, network: nn.Module, x: torch.Tensor, n_l: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        regularised = x[n_l:] if self.unlabeled_only else x
+        if getattr(self.regularizer, "mix", False) and regularised.shape[0] < 2:
+            # mixing pairs every image with another one: a single image has no partner
+            raise ValueError(
+                f"Cross-ALD mixes pairs of images but the regularised set has {regularised.shape[0]} image(s): "
+                + ("set unlabeled_batch_size >= 2 (R is computed on the unlabelled half), or unlabeled_only=False"
+                   if self.unlabeled_only else "use a batch of at least 2 images"))
+        result = self.regularizer.compute(network, regularised)
         extra: Dict[str, torch.Tensor] = {}
-        if self.regularizer_weight > 0:
-            regularised = x[n_l:] if self.unlabeled_only else x
-            if getattr(self.regularizer, "mix", False) and regularised.shape[0] < 2:
-                # mixing pairs every image with another one: a single image has no partner
-                raise ValueError(
-                    f"Cross-ALD mixes pairs of images but the regularised set has {regularised.shape[0]} image(s): "
-                    + ("set unlabeled_batch_size >= 2 (R is computed on the unlabelled half), or unlabeled_only=False"
-                       if self.unlabeled_only else "use a batch of at least 2 images"))
-            result = self.regularizer.compute(network, regularised)
-            loss_reg = result.loss
-            gamma = getattr(result, "gamma", None)
-            if gamma is not None:
-                extra["mix_gamma"] = gamma.detach().float().cpu()
-            # sizes of the two terms of the Stein direction: whether the score or the repulsion steers the particles
-            for name, value in (getattr(result, "stats", None) or {}).items():
-                extra[f"particle_{name}_norm"] = value.float().cpu()
-        else:
-            loss_reg = x.new_zeros(())
-        loss = main.detach() + weight * self.regularizer_weight * loss_reg
-        return {
-            "loss": loss,
-            "loss_seg": loss_seg.detach(),
-            "loss_cross_ald": loss_reg.detach(),
-            "loss_cs_labeled": loss_cs_l.detach(),
-            "loss_cs_unlabeled": loss_cs_u.detach(),
-            "consistency_weight": torch.tensor(weight),
-            **extra,
-        }
+        gamma = getattr(result, "gamma", None)
+        if gamma is not None:
+            extra["mix_gamma"] = gamma.detach().float().cpu()
+        # sizes of the two terms of the Stein direction: whether the score or the repulsion steers the particles
+        for name, value in (getattr(result, "stats", None) or {}).items():
+            extra[f"particle_{name}_norm"] = value.float().cpu()
+        return result.loss, extra

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from common.losses.class_separation import ClassSeparation
-from common.losses.dice_vat import DiceVAT
 from common.methods.base import Batch, SemiSupervisedMethod
 
 __all__ = ["SSNetMethod"]
@@ -33,25 +33,31 @@ class SSNetMethod(SemiSupervisedMethod):
 
     Args:
         loss_function: supervised loss ``(logits (B_l, C, *sp), label (B_l, 1, *sp)) -> scalar``.
-        vat: the smoothness term (eps 6 on ACDC, 10 on LA).
-        class_separation: heads + prototype memory (training only; the inference network is the backbone).
+        vat: the smoothness term ``(network, x) -> scalar``, :class:`~common.losses.dice_vat.DiceVAT` (eps 6 on
+            ACDC, 10 on LA); :class:`~common.methods.cross_ald.CrossALDMethod` puts its regulariser here.
+        class_separation: heads + prototype memory (training only; the inference network is the backbone);
+            ``None`` drops L_cs and the heads (ablations: one plain forward of the whole batch).
         consistency: ``lambda(t)`` from the 0-based iteration, e.g. ``RampUp(0.1, 30000, 150)``, or a constant.
         cs_weight: L_cs weight relative to lambda(t) (0.1 in the official code).
         lds_weight: L_lds weight relative to lambda(t) (1; 0 switches L_lds off for ablations).
     """
 
+    #: name of the regulariser's entry in the step output (and the progress bar / TensorBoard)
+    regularizer_loss_name = "loss_lds"
+
     def __init__(
         self,
         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        vat: DiceVAT,
-        class_separation: ClassSeparation,
+        vat: nn.Module,
+        class_separation: Optional[ClassSeparation],
         consistency: Union[Callable[[int], float], float],
         cs_weight: float = 0.1,
         lds_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if cs_weight < 0 or lds_weight < 0:
-            raise ValueError(f"SSNetMethod weights must be >= 0, got cs_weight={cs_weight}, lds_weight={lds_weight}")
+            raise ValueError(f"{type(self).__name__} weights must be >= 0, got cs_weight={cs_weight}, "
+                             f"regularizer weight={lds_weight}")
         self.loss_function = loss_function
         self.vat = vat
         self.class_separation = class_separation
@@ -59,34 +65,44 @@ class SSNetMethod(SemiSupervisedMethod):
         self.cs_weight = float(cs_weight)
         self.lds_weight = float(lds_weight)
 
+    def regularize(self, network: nn.Module, x: torch.Tensor, n_l: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The smoothness term on the batch ``x = [x_l ; x_u]`` (``n_l`` labelled) and extra logged values."""
+        return self.vat(network, x), {}
+
     def train_step(self, engine, labeled: Batch, unlabeled: Optional[Batch]) -> Dict[str, torch.Tensor]:
         network = engine.network
         x_l, y_l = labeled["image"], labeled["label"]
         n_l = x_l.shape[0]
         x = torch.cat([x_l, unlabeled["image"]], dim=0)
-
-        out = network.forward_features(x)
-        logits, embedding = out.logits, out.embedding
-        loss_seg = self.loss_function(logits[:n_l], y_l)
-
-        loss_cs_l, loss_cs_u = self.class_separation.labeled_and_unlabeled(embedding, logits, y_l, n_l)
-
         weight = float(self.consistency(engine.step_index))
+
+        if self.class_separation is not None:
+            out = network.forward_features(x)
+            logits, embedding = out.logits, out.embedding
+            loss_seg = self.loss_function(logits[:n_l], y_l)
+            loss_cs_l, loss_cs_u = self.class_separation.labeled_and_unlabeled(embedding, logits, y_l, n_l)
+            del out, embedding
+        else:
+            # the same full-batch forward (BN statistics of the whole batch), without the heads (ablations)
+            logits = network(x)
+            loss_seg = self.loss_function(logits[:n_l], y_l)
+            loss_cs_l = loss_cs_u = x.new_zeros(())
         main = loss_seg + weight * self.cs_weight * (loss_cs_l + loss_cs_u)
         if main.requires_grad:
             engine.backward(main)
-        del out, logits, embedding
+        del logits
 
         if self.lds_weight > 0:
-            loss_lds = self.vat(network, x)
+            loss_reg, extra = self.regularize(network, x, n_l)
         else:
-            loss_lds = x.new_zeros(())
-        loss = main.detach() + weight * self.lds_weight * loss_lds
+            loss_reg, extra = x.new_zeros(()), {}
+        loss = main.detach() + weight * self.lds_weight * loss_reg
         return {
             "loss": loss,
             "loss_seg": loss_seg.detach(),
-            "loss_lds": loss_lds.detach(),
+            self.regularizer_loss_name: loss_reg.detach(),
             "loss_cs_labeled": loss_cs_l.detach(),
             "loss_cs_unlabeled": loss_cs_u.detach(),
             "consistency_weight": torch.tensor(weight),
+            **extra,
         }
