@@ -1,13 +1,30 @@
-"""Helpers the bundle configs call."""
+"""Helpers the bundle configs call: bundle root, command-line override checks and typing, run settings, and a
+last-line error report for ``python -m monai.bundle``."""
 
 from __future__ import annotations
 
 import ast
+import inspect
+import json
+import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-__all__ = ["locate_bundle_root", "check_cli_overrides"]
+__all__ = [
+    "locate_bundle_root",
+    "check_cli_overrides",
+    "coerce_override",
+    "OverrideError",
+    "run_settings",
+    "flatten_settings",
+    "install_error_report",
+    "error_summary",
+]
+
+
+class OverrideError(ValueError):
+    """A command-line override that cannot be used; the message names the option and what it expects."""
 
 
 def _config_paths(argv: Sequence[str]) -> list[str]:
@@ -47,14 +64,27 @@ def locate_bundle_root(default: str = ".") -> str:
 _RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
 
 
-def _cli_overrides(argv: Sequence[str]) -> list[str]:
-    keys = []
-    for arg in argv[1:]:
-        if arg.startswith("--"):
-            key = arg[2:].split("=", 1)[0]
-            if key and key not in _RUN_ARGS:
-                keys.append(key)
-    return keys
+def _raw_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``{key: text as typed}`` for every ``--key value`` / ``--key=value`` (``True`` for a bare ``--key``, as
+    python-fire reads it). The text matters: fire turns ``1e3`` into 1000.0 and leaves ``false`` a string."""
+    out: dict[str, Any] = {}
+    args = list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            if i < len(args) and not args[i].startswith("--"):
+                text = args[i]
+                i += 1
+            else:
+                text = True
+        if key and key not in _RUN_ARGS:
+            out[key] = text
+    return out
 
 
 def _lookup(config: Any, path: list[str]) -> tuple[bool, Any]:
@@ -70,8 +100,6 @@ def _lookup(config: Any, path: list[str]) -> tuple[bool, Any]:
 
 
 def _accepts_keyword(target: str, name: str) -> bool:
-    import inspect
-
     from pydoc import locate
 
     try:
@@ -82,41 +110,355 @@ def _accepts_keyword(target: str, name: str) -> bool:
     return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
 
 
-def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
-    """Refuse ``--name value`` overrides that name no option of the configs.
+# -- typing of override values ------------------------------------------------------------------------------
+_UNKNOWN = object()
+_TRUE, _FALSE, _NULL = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"null", "none", "~"}
 
-    MONAI adds an unknown override key silently, so a misspelt ``--iteratons 100`` would train with the default
-    length. Only runs under ``python -m monai.bundle`` (programmatic workflows pass overrides explicitly). A
-    nested key may add an argument to a ``_target_`` component if the target accepts it."""
+
+def _is_code(value: Any) -> bool:
+    """Expressions, references and macros are typed when MONAI evaluates them, not here."""
+    return isinstance(value, str) and value.lstrip().startswith(("$", "@", "%"))
+
+
+def _parse_literal(text: str) -> Any:
+    """JSON spellings first (configs are JSON: true, null), then Python's (True, None, tuples); else the text."""
+    stripped = text.strip()
+    low = stripped.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in _NULL:
+        return None
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _expected(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "a whole number"
+    if isinstance(default, float):
+        return "a number"
+    if default is None:
+        return "null or a number"
+    if isinstance(default, (list, tuple)):
+        return f"a list like {json.dumps(list(default))}"
+    if isinstance(default, dict):
+        return "a JSON object"
+    return "text"
+
+
+def _refuse(option: str, default: Any, value: Any) -> OverrideError:
+    try:
+        shown = json.dumps(default)
+    except (TypeError, ValueError):
+        shown = repr(default)
+    return OverrideError(f"--{option}: expected {_expected(default)} (its default is {shown}), got {value!r}")
+
+
+def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
+    """``value`` given for ``--option`` (the text as typed, or an already parsed value) converted to the type of
+    ``default``, the config value it replaces.
+
+    Rules: ``true/false`` (also yes/no, on/off, 1/0, any case) for booleans; whole numbers for integers (``1e3``
+    is 1000); numbers for floats; the text unchanged for strings; a list for a list (``[128,128]`` or
+    ``128,128``), each element typed like the default's elements; a JSON object for a dict. A ``null`` default
+    marks an optional number: ``null``/``None`` or a number. Values starting with ``$``, ``@`` or ``%`` are
+    config expressions/references and pass unchanged. With no known default, JSON spellings are read (``true``,
+    ``null``, numbers, lists) and anything else stays text.
+
+    Raises:
+        OverrideError: the value does not fit; the message names the option, the expected type and the value.
+    """
+    if _is_code(value):
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if default is _UNKNOWN or _is_code(default):
+        return _parse_literal(value) if isinstance(value, str) else value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise _refuse(option, default, value)
+    if isinstance(default, int):
+        number = value
+        if text is not None:
+            try:
+                number = int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise _refuse(option, default, value) from None
+        if isinstance(number, bool):
+            raise _refuse(option, default, value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise _refuse(option, default, value)
+    if isinstance(default, float):
+        number = value
+        if text is not None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise _refuse(option, default, value) from None
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            return float(number)
+        raise _refuse(option, default, value)
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _refuse(option, default, value)
+    if default is None:
+        parsed = _parse_literal(value) if isinstance(value, str) else value
+        if parsed is None or (isinstance(parsed, (int, float)) and not isinstance(parsed, bool)):
+            return parsed
+        raise _refuse(option, default, value)
+    if isinstance(default, (list, tuple)):
+        parsed = _parse_literal(value) if isinstance(value, str) else value
+        if isinstance(parsed, tuple):
+            parsed = list(parsed)
+        if not isinstance(parsed, list):
+            raise _refuse(option, default, value)
+        kinds = {type(d) for d in default}
+        if len(kinds) == 1 and kinds <= {bool, int, float, str}:
+            return [coerce_override(f"{option}#{i}", v, default[0]) for i, v in enumerate(parsed)]
+        return parsed
+    if isinstance(default, dict):
+        parsed = _parse_literal(value) if isinstance(value, str) else value
+        if not isinstance(parsed, dict):
+            raise _refuse(option, default, value)
+        return parsed
+    return _parse_literal(value) if isinstance(value, str) else value
+
+
+def _literal_default(files: Sequence[dict], merged: dict, path: list[str], depth: int = 0) -> Any:
+    """The value ``path`` replaces, for typing: the last plain (non-expression) definition over the config files,
+    following ``@id`` references. An overlay's ``"$'acdc_' + ..."`` run name is still text, as train.json's
+    ``"default"`` is; a value defined only by an expression has no known type."""
+    for content in reversed(files):
+        found, value = _lookup(content, path)
+        if not found:
+            continue
+        if isinstance(value, str) and value.startswith("@") and depth < 8:
+            ref = [p for p in value[1:].replace("::", "#").split("#") if p]
+            if _lookup(merged, ref)[0]:
+                return _literal_default(files, merged, ref, depth + 1)
+        if not _is_code(value):
+            return value
+    return _UNKNOWN
+
+
+def _active_config_parser() -> Any:
+    """The ``ConfigParser`` evaluating the calling config expression, or None.
+
+    A config expression has no handle on the parser that evaluates it, and MONAI's CLI builds the workflow
+    inside ``fire``; the parser is the ``self`` of a caller frame (``get_parsed_content``)."""
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, ConfigParser):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _is_bundle_cli(argv: Sequence[str]) -> bool:
+    return bool(argv) and str(argv[0]).replace("\\", "/").endswith("monai/bundle/__main__.py")
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None, parser: Any = None) -> None:
+    """Check and type the ``--name value`` overrides of ``python -m monai.bundle`` (a no-op elsewhere:
+    programmatic workflows pass typed overrides).
+
+    * A key that names no option of the configs is refused (MONAI would add it silently, so a misspelt
+      ``--iteratons 100`` would train with the default length). A nested key may add an argument to a
+      ``_target_`` component if the target accepts it.
+    * Each value is converted to the type of the value it replaces (:func:`coerce_override`) and written back
+      into the running config: python-fire hands ``--resume false`` over as the text ``'false'``, which is
+      truthy, and ``--num_labeled null`` as ``'null'``.
+    * ``--synthetic#...`` with a data source other than ``synthetic`` is refused: nothing would read it.
+    * Installs :func:`install_error_report`, so the run's last line is the real error.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+        parser: the bundle's ``ConfigParser`` to write typed values into (default: the one evaluating this call).
+
+    Raises:
+        OverrideError: an unknown option, a value of the wrong type or a data setting the source does not use.
+    """
     import difflib
 
     from monai.bundle import ConfigParser
 
     argv = list(sys.argv if argv is None else argv)
-    if not argv or not argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py"):
+    if not _is_bundle_cli(argv):
         return
+    install_error_report()
     files = [p for p in _config_paths(argv) if p.endswith((".json", ".yaml", ".yml"))]
-    config: dict = {}
+    contents = []
     for f in files:
         if os.path.isfile(f):
             content = ConfigParser.load_config_file(f)
             if isinstance(content, dict):
-                config.update(content)
+                contents.append(content)
+    config: dict = {}
+    for content in contents:
+        config.update(content)
     if not config:
         return
-    for key in _cli_overrides(argv):
+    if parser is None:
+        parser = _active_config_parser()
+    typed: dict[str, Any] = {}
+    for key, text in _raw_overrides(argv).items():
         path = [p for p in key.replace("::", "#").split("#") if p]
-        found, _ = _lookup(config, path)
-        if found or not path:
+        if not path:
             continue
-        parent_found, parent = _lookup(config, path[:-1])
-        if parent_found and isinstance(parent, dict) and isinstance(parent.get("_target_"), str):
-            if _accepts_keyword(parent["_target_"], path[-1]):
-                continue
-            raise ValueError(f"unknown option '--{key}': {parent['_target_']} has no argument '{path[-1]}'")
-        if not parent_found and len(path) > 1:
-            raise ValueError(f"unknown option '--{key}': '{'#'.join(path[:-1])}' is not in the config")
-        options = sorted(parent) if parent_found and isinstance(parent, dict) else []
-        close = difflib.get_close_matches(path[-1], options, n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown option '--{key}'{hint}")
+        found, _ = _lookup(config, path)
+        default: Any = _UNKNOWN
+        if found:
+            default = _literal_default(contents, config, path)
+        else:
+            parent_found, parent = _lookup(config, path[:-1])
+            if parent_found and isinstance(parent, dict) and isinstance(parent.get("_target_"), str):
+                if not _accepts_keyword(parent["_target_"], path[-1]):
+                    raise OverrideError(f"unknown option '--{key}': {parent['_target_']} has no argument '{path[-1]}'")
+            elif not parent_found and len(path) > 1:
+                raise OverrideError(f"unknown option '--{key}': '{'#'.join(path[:-1])}' is not in the config")
+            else:
+                options = sorted(parent) if parent_found and isinstance(parent, dict) else []
+                close = difflib.get_close_matches(path[-1], options, n=3)
+                hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                raise OverrideError(f"unknown option '--{key}'{hint}")
+        typed["#".join(path)] = coerce_override(key, text, default)
+
+    source = typed.get("data_source", config.get("data_source"))
+    if isinstance(source, str) and not _is_code(source) and source.lower() != "synthetic":
+        unused = [k for k in typed if k.split("#")[0] == "synthetic"]
+        if unused:
+            raise OverrideError(
+                f"--{unused[0]} is set but data_source is '{source}', which does not read the synthetic settings; "
+                "drop it, or add --data_source synthetic"
+            )
+    if parser is None:
+        return
+    for key, value in typed.items():
+        current = parser.get(key) if key in parser else _UNKNOWN
+        if current is _UNKNOWN or type(current) is not type(value) or current != value:
+            parser[key] = value
+
+
+# -- run settings, compared when a run resumes ----------------------------------------------------------------
+def flatten_settings(config: Mapping[str, Any], skip: Sequence[str] = ("_meta_",)) -> dict[str, str]:
+    """``{id: JSON text}`` of a raw (unevaluated) config's leaves, ids joined with ``#``; lists of plain values
+    stay one leaf (``patch_size``). Objects that are not JSON (programmatic overrides) are described by type."""
+
+    def text(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=lambda o: f"<{type(o).__name__}>")
+
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}#{k}" if prefix else str(k))
+        elif isinstance(node, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}#{i}")
+        else:
+            out[prefix] = text(node)
+
+    for key, value in config.items():
+        if key not in skip:
+            walk(value, str(key))
+    return out
+
+
+def run_settings() -> dict[str, str] | None:
+    """The settings of the bundle config being instantiated (:func:`flatten_settings` of its raw content, with
+    the overrides applied), for a resume checkpoint to compare against; None outside a bundle config."""
+    parser = _active_config_parser()
+    return None if parser is None else flatten_settings(parser.get())
+
+
+# -- the last line of a failed run ---------------------------------------------------------------------------
+#: how MONAI (and torch's DataLoader) start the message of an error that only wraps the real one
+_WRAPPER_PREFIXES = ("Failed to instantiate", "Failed to evaluate", "applying transform", "Caught ")
+
+
+def _is_wrapper(exc: BaseException) -> bool:
+    return type(exc) is RuntimeError and str(exc).lstrip().startswith(_WRAPPER_PREFIXES)
+
+
+def _real_error(exc: BaseException) -> BaseException:
+    """The first error of the ``raise ... from`` chain that is not a generic wrapper. Not the deepest one: ours
+    carry their own cause (``CheckpointError`` from an ``UnpicklingError``) and say more than it."""
+    seen = set()
+    while _is_wrapper(exc) and exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _worker_root_line(message: str) -> str | None:
+    """A DataLoader worker's error arrives as text holding the worker's traceback; the first exception of that
+    chain (before "The above exception was the direct cause ...") is the real one."""
+    if "Original Traceback" not in message:
+        return None
+    first = message.split("\nThe above exception was the direct cause", 1)[0]
+    first = first.split("\nDuring handling of the above exception", 1)[0]
+    lines = [line for line in first.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
+def error_summary(exc: BaseException) -> str | None:
+    """The line that says what went wrong when Python's own last line would not (an error wrapped by MONAI or
+    re-raised from a loader worker); None when the outermost error already says it."""
+    real = _real_error(exc)
+    line = _worker_root_line(str(real))
+    if line is not None:
+        return line
+    if real is exc:
+        return None
+    message = str(real).strip()
+    return f"{type(real).__name__}: {message}" if message else type(real).__name__
+
+
+def install_error_report() -> None:
+    """Make the last line of an uncaught error the real error.
+
+    MONAI wraps an error raised while building a component in ``RuntimeError("Failed to instantiate component
+    ...")`` (sometimes twice), so the line a user reads last is generic and the cause (a missing file, bad
+    labels) sits mid-traceback. The full traceback is still printed; then the cause, on its own line."""
+    if getattr(sys.excepthook, "_semiseg_error_report", False):
+        return
+    previous = sys.excepthook
+
+    def report(exc_type: type, exc: BaseException, tb: Any) -> None:
+        previous(exc_type, exc, tb)
+        if isinstance(exc, Exception):
+            line = error_summary(exc)
+            if line:
+                sys.stderr.write(f"\n{line}\n")
+                sys.stderr.flush()
+
+    report._semiseg_error_report = True  # type: ignore[attr-defined]
+    sys.excepthook = report

@@ -4,8 +4,9 @@ A mask ``M`` is a float tensor of ones with one box of zeros; mixing two batches
 pastes ``b`` into the box: ``mix(a, b, M) = a * M + b * (1 - M)``. Because ``M`` is binary the mix of two label
 maps is again a label map, so images, ground truth and pseudo-labels are mixed with the same function.
 
-CML (Wu et al., ACM MM 2024) uses a "zero-centred" mask: the box of zeros has sides ``int(beta * size)`` and sits
-in the middle of the patch. The released CML code draws the box position uniformly instead (``position="random"``).
+CML (Wu et al., ACM MM 2024) pastes "a random crop" with a "zero-centred" mask (a box of zeros of sides
+``int(beta * size)``); its released code draws the box position uniformly for every mix, which is what CML uses by
+default (``position="random"``). ``position="centre"`` puts the box in the middle of the patch.
 """
 
 from __future__ import annotations

@@ -455,3 +455,46 @@ def test_metadata_follows_the_schema(schema_path):
     meta = json.loads((bundle_dir("cml") / "configs" / "metadata.json").read_text())
     jsonschema.validate(meta, json.loads(schema_path.read_text()))
     assert meta["version"] in meta["changelog"]
+
+
+# -- the mix box position (issue 13) ----------------------------------------------------------------------------------
+
+
+def test_random_box_covers_every_allowed_start_roughly_uniformly_and_stays_inside():
+    """size 20, side 8 -> starts 0..12 (13 positions): both ends reached, each about 1/13 of the draws."""
+    torch.manual_seed(3)
+    draws = 2600
+    counts = torch.zeros(2, 13)
+    for _ in range(draws):
+        zeros = torch.nonzero(box_mask((20, 16), (0.4, 0.5), position="random")[0, 0] == 0)
+        lo, hi = zeros.min(0).values, zeros.max(0).values
+        assert tuple((hi - lo + 1).tolist()) == (8, 8)
+        assert int(lo.min()) >= 0 and int(hi[0]) <= 19 and int(hi[1]) <= 15  # fully inside the patch
+        counts[0, int(lo[0])] += 1
+        if int(lo[1]) < 13:
+            counts[1, int(lo[1])] += 1
+    rows = counts[0]
+    assert rows[0] > 0 and rows[12] > 0  # both ends of the allowed range
+    expected = draws / 13
+    assert float(((rows - expected) ** 2 / expected).sum()) < 36.4  # chi-square, 12 dof, p = 0.0003
+    cols = counts[1, :9]  # 16 - 8 + 1 = 9 positions along the second axis
+    assert cols[0] > 0 and cols[8] > 0 and counts[1, 9:].sum() == 0
+
+
+def test_cml_draws_a_new_random_box_per_mix_by_default_and_centres_only_when_asked():
+    method = CMLMethod(num_classes=4, pretrain_iterations=0)
+    assert method.mask_position == "random"
+    like = torch.zeros(2, 1, 32, 32)
+    torch.manual_seed(0)
+    masks = [method._mask(like) for _ in range(10)]
+    assert len({tuple(torch.nonzero(m[0, 0] == 0).min(0).values.tolist()) for m in masks}) > 3
+    centred = CMLMethod(num_classes=4, pretrain_iterations=0, mask_position="centre")
+    assert all(torch.equal(centred._mask(like), box_mask((32, 32), 0.5, position="centre")) for _ in range(3))
+
+
+def test_bundle_default_is_the_random_box_and_the_released_code_overlay_exists():
+    cfg = json.loads((bundle_dir("cml") / "configs" / "train.json").read_text())
+    assert cfg["mask_position"] == "random"
+    assert json.loads((bundle_dir("cml") / "configs" / "acdc_cpu_v1.json").read_text())["mask_position"] == "random"
+    code = json.loads((bundle_dir("cml") / "configs" / "released_code.json").read_text())
+    assert code == {"shared_backbone": True, "ensemble": "logits", "mask_position": "random"}

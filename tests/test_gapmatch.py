@@ -360,3 +360,17 @@ def test_bundle_rampup_variant(tmp_path):
     out = wf.parser.get_parsed_content("train#trainer").state.output
     assert float(out["unsup_weight"]) == pytest.approx(float(torch.exp(torch.tensor(-5.0))), rel=1e-6)
     assert "loss_unsup_perturbed" in out
+
+
+def test_default_is_the_swept_setting_and_algorithm1_stays_an_overlay(tmp_path):
+    """Issue 13: the default trains with the sweep's best setting (ramp-up, alpha 0.5); ``algorithm1.json`` is
+    Algorithm 1 as written (constant weight 1, alpha 1)."""
+    default = run_training("gapmatch", tmp_path / "default", iterations=1, val_interval=1, confidence_threshold=0.0)
+    method = default.parser.get_parsed_content("method")
+    assert method.gap.alpha == 0.5 and method.gap.epsilon == 0.05
+    assert method.weight(0) == pytest.approx(float(torch.exp(torch.tensor(-5.0))), rel=1e-6) and method.weight(199) == 1.0
+    alg1 = run_training("gapmatch", tmp_path / "alg1", configs=("train.json", "algorithm1.json"), iterations=1,
+                        val_interval=1, confidence_threshold=0.0)
+    method = alg1.parser.get_parsed_content("method")
+    assert method.gap.alpha == 1.0 and method.weight(0) == 1.0
+    assert json.loads((tmp_path / "alg1" / "summary.json").read_text())["method"] == "gapmatch_algorithm1"

@@ -147,17 +147,18 @@ def test_write_metric_tables(tmp_path: Path) -> None:
 
     with open(out / "metrics_per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["case", "class", "dice", "jaccard", "hd95", "asd", "assd"]
+    # distances name their unit (voxel by default: no spacing was given)
+    assert list(rows[0]) == ["case", "class", "dice", "jaccard", "hd95_voxel", "asd_voxel", "assd_voxel"]
     assert [(r["case"], r["class"]) for r in rows] == [("case1", "A"), ("case1", "B"), ("case2", "A"), ("case2", "B")]
     assert float(rows[0]["dice"]) == pytest.approx(0.8)
-    assert math.isnan(float(rows[1]["hd95"]))
+    assert math.isnan(float(rows[1]["hd95_voxel"]))
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"cases", "summary"}
+    assert set(metrics) == {"distance_unit", "cases", "summary"} and metrics["distance_unit"] == "voxel"
     assert metrics["cases"]["case1"]["B"]["hd95"] is None  # NaN stored as null
     assert metrics["cases"]["case2"]["A"]["dice"] == pytest.approx(0.6)
     summary_json = json.loads((out / "summary.json").read_text())
-    assert summary_json == metrics["summary"]
+    assert summary_json == {"distance_unit": "voxel", **metrics["summary"]}
     assert summary_json["A"]["dice"] == pytest.approx(0.7)
     assert summary_json["B"]["hd95"] == pytest.approx(1.0)
     assert summary_json["mean"]["dice"] == pytest.approx(0.5)

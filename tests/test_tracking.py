@@ -70,7 +70,7 @@ def test_training_with_mlflow_tracking(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "default"  # train.json's run_name
-    assert {"loss", "loss_seg", "val_mean_dice", "val_hd95"} <= set(run.data.metrics)
+    assert {"loss", "loss_seg", "val_mean_dice", "val_hd95_voxel"} <= set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, TINY_2D["iterations"] + 1))
     validations = [json.loads(line) for line in (out / "models" / "validation.jsonl").read_text().splitlines()]

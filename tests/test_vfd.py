@@ -351,3 +351,65 @@ def test_resume_continues_identically(tmp_path):
     again_opt = again.parser.get_parsed_content("method").discriminator_optimizer.state_dict()["state"]
     for k in ref_opt:
         torch.testing.assert_close(again_opt[k]["exp_avg_sq"], ref_opt[k]["exp_avg_sq"], atol=1e-9, rtol=0)
+
+
+# -- the scale of the adversarial terms (issue 13) --------------------------------------------------------------------
+
+
+def test_adv_loss_is_the_eq2_sum_over_each_images_voxels_averaged_over_images():
+    """Hand-made: 2 unlabelled images, discriminator logit = 0 everywhere -> every voxel term is log 2 (BCE vs 1).
+    Eq. 2: (1/M) sum_m sum_{voxels of image m} log 2 over the confident voxels (image 0: 12 of 16, image 1: 4)."""
+    from common.methods.vfd import reduce_voxel_terms, voxel_weights
+
+    pseudo = torch.full((2, 4, 4), -1, dtype=torch.long)
+    pseudo[0, :3] = 1  # 12 confident voxels of class 1
+    pseudo[1, 0] = 2  # 4 of class 2
+    samples = sample_class_voxels(pseudo, num_classes=4, per_class=2)  # 2 sampled of each (image, class)
+    terms = F.binary_cross_entropy_with_logits(torch.zeros(len(samples)), torch.ones(len(samples)), reduction="none")
+    weights = voxel_weights(pseudo, samples, 4)
+    by_hand = (12 * math.log(2) + 4 * math.log(2)) / 2
+    assert reduce_voxel_terms(terms, samples, weights, 2, "image_sum").item() == pytest.approx(by_hand, rel=1e-6)
+    assert reduce_voxel_terms(terms, samples, weights, 2, "sampled_sum").item() == pytest.approx(4 * math.log(2) / 2)
+    assert reduce_voxel_terms(terms, samples, weights, 2, "mean").item() == pytest.approx(math.log(2))
+    assert sorted(weights.tolist()) == [2.0, 2.0, 6.0, 6.0]
+
+
+@pytest.mark.parametrize("reduction", ["sampled_sum", "image_sum"])
+def test_method_adv_loss_is_the_per_image_sum(reduction):
+    assert _method()[0].adv_reduction == "sampled_sum"  # the default
+    method, net = _method(voxels_per_class=1024, adv_reduction=reduction)
+    _set_teacher_confidence(method, 0.9)  # every unlabelled voxel confident background
+    x = torch.randn(4, 1, 32, 32)
+    torch.manual_seed(1)
+    out = method.train_step(_engine(net), {"image": x[:2], "label": _label_map(2, 32)}, {"image": x[2:]})
+    fused_logits = method.discriminator(method._cache["unlabeled_features"], method._cache["unlabeled_samples"])
+    per_voxel = F.binary_cross_entropy_with_logits(fused_logits, torch.ones_like(fused_logits), reduction="none")
+    assert len(method._cache["unlabeled_samples"]) == 2 * 32 * 32  # all voxels sampled: weights 1
+    assert out["loss_adv"].item() == pytest.approx(per_voxel.sum().item() / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="adv_reduction"):
+        _method(adv_reduction="sum")
+
+
+class _ZeroLoss(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return 0.0 * logits.sum()
+
+
+def test_adv_term_carries_more_than_one_percent_of_the_backbone_gradient_at_initialisation():
+    """alpha L_adv's gradient on the backbone against the whole step's, with the paper's alpha = 0.01 (0.1.x: ~0.1%)."""
+    def backbone_grad(adv_only: bool, reduction: str) -> torch.Tensor:
+        method, net = _method(voxels_per_class=64, adv_reduction=reduction)
+        _set_teacher_confidence(method, 0.9)
+        if adv_only:
+            method.feature_weight, method.loss_function = 0.0, _ZeroLoss()
+            method.consistency = lambda t: 0.0
+        torch.manual_seed(2)
+        x = torch.randn(4, 1, 32, 32)
+        out = method.train_step(_engine(net, step=9), {"image": x[:2], "label": _label_map(2, 32)}, {"image": x[2:]})
+        out["loss"].backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+    share = float(backbone_grad(True, "sampled_sum").norm() / backbone_grad(False, "sampled_sum").norm())
+    old = float(backbone_grad(True, "mean").norm() / backbone_grad(False, "mean").norm())
+    assert share > 0.01, share
+    assert share > 10 * old, (share, old)

@@ -7,6 +7,16 @@ more than 5% after the first pass (``benchmarks.md``: inference = seconds per AC
 slice-wise at 128x128 on CPU).
 
     python tools/benchmark_inference.py --bundle supervised --dataset_dir ../shared/data/ACDC --passes 5
+
+``--fast_path_compare`` (issue 16) times the bundle's evaluation instead (``train.json`` + ``acdc_cpu_v1.json`` +
+``evaluate.json`` with the shipped ``models/model.pt``: slice-wise 128x128 prediction, post-processing and the
+per-case metrics included) on the first ``--volumes`` ``val.list`` volumes, in one process with one evaluator,
+alternating per pass between the plain network (contiguous float32: what commit a3b7a66 runs), the fast path
+(channels-last float32, this tree's default) and, on a CPU with bf16, channels-last under bf16 autocast (logits
+cast back to float32 before post-processing and metrics). The order of the settings is reversed every pass so
+machine noise hits them alike.
+
+    python tools/benchmark_inference.py --fast_path_compare --bundle ssnet --volumes 10 --passes 3
 """
 
 from __future__ import annotations
@@ -41,13 +51,91 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def fast_path_compare(args) -> None:
+    import torch
+    from monai.bundle import ConfigWorkflow
+    from torch import nn
+
+    from common.engines import load_weights
+    from common.engines.fast_path import FastPath, cpu_supports_bf16
+
+    torch.set_num_threads(args.threads)
+    root = REPO / "bundles" / args.bundle
+    configs = [str(root / "configs" / c) for c in ("train.json", "acdc_cpu_v1.json", "evaluate.json")]
+    wf = ConfigWorkflow(config_file=configs, meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                        workflow_type="train", bundle_root=str(root), dataset_dir=args.dataset_dir,
+                        output_dir=tempfile.mkdtemp(prefix="infer_fast_"), resume=False,
+                        **{"validate#dataset#data": f"$@split.validation[:{int(args.volumes)}]"})
+    wf.initialize()
+    network = wf.parser.get_parsed_content("network")
+    load_weights(network, str(root / "models" / "model.pt"), map_location="cpu")
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    n_volumes = len(evaluator.data_loader.dataset)
+
+    class _Autocast(nn.Module):
+        def __init__(self, net: nn.Module, fast: FastPath) -> None:
+            super().__init__()
+            self.net, self.fast = net, fast
+
+        def forward(self, x):
+            with self.fast.autocast():
+                out = self.net(x)
+            return out.float()
+
+    def plain():
+        with torch.no_grad():
+            for t in list(network.parameters()) + list(network.buffers()):
+                t.data = t.data.contiguous()
+        evaluator.network = network
+
+    def fast_f32():
+        FastPath(channels_last=True).prepare(network)
+        evaluator.network = network
+
+    def fast_bf16():
+        fast = FastPath(channels_last=True, precision="bf16")
+        fast.prepare(network)  # no hooks kept: float32 logits come from the wrapper
+        evaluator.network = _Autocast(network, fast)
+
+    settings = [("a3b7a66-equivalent: contiguous float32", plain), ("fast path: channels_last float32", fast_f32)]
+    if cpu_supports_bf16() and not args.no_bf16:
+        settings.append(("fast path: channels_last bf16 autocast", fast_bf16))
+    times = {name: [] for name, _ in settings}
+    dice = {}
+    for p in range(args.passes + 1):  # pass 0 warms up
+        for name, apply in (settings if p % 2 == 0 else settings[::-1]):
+            apply()
+            t0 = time.perf_counter()
+            evaluator.run()
+            elapsed = (time.perf_counter() - t0) / n_volumes
+            dice[name] = float(evaluator.state.metrics.get("val_mean_dice", float("nan")))
+            if p > 0:
+                times[name].append(elapsed)
+    base = sorted(times[settings[0][0]])[len(times[settings[0][0]]) // 2]
+    for name, _ in settings:
+        med = sorted(times[name])[len(times[name]) // 2]
+        print(json.dumps({"bundle": args.bundle, "setting": name, "s_per_volume_median": round(med, 3),
+                          "s_per_volume_all": [round(t, 3) for t in times[name]], "speedup_vs_plain": round(base / med, 3),
+                          "val_mean_dice_subset": round(dice[name], 4), "volumes": n_volumes, "passes": args.passes,
+                          "threads": args.threads, "compile": False,
+                          "protocol": "ACDC val.list subset, slice-wise 128x128, metrics included, interleaved"}),
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="supervised")
     parser.add_argument("--dataset_dir", default=str(REPO.parent / "shared" / "data" / "ACDC"))
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--fast_path_compare", action="store_true",
+                        help="time evaluation (metrics included): plain vs fast path vs bf16, interleaved")
+    parser.add_argument("--volumes", type=int, default=20, help="--fast_path_compare: first N val.list volumes")
+    parser.add_argument("--no_bf16", action="store_true")
     args = parser.parse_args()
+    if args.fast_path_compare:
+        fast_path_compare(args)
+        return
 
     import h5py
     import nibabel as nib

@@ -1,21 +1,33 @@
-"""Results report: reads run folders and writes ``docs/results.md`` with the comparison table, learning curves and
-example segmentations.
+"""Results report: reads run folders and committed run records and writes ``docs/results.md`` with the comparison
+table, learning curves and example segmentations.
 
-For every bundle and labelled count it reads ``bundles/<b>/runs/<protocol>_<K>p/``: ``summary.json`` (training
-time, best iteration), ``eval/summary.json`` (per-class metrics of the best model on the validation set, from
-``evaluate.json``) and ``models/validation.jsonl`` (learning curve). Speed rows come from a JSON-lines file
-written by ``tools/benchmark_speed.py --out``. The papers' numbers sit in their own columns: they come from
-another protocol (256x256, 30k iterations, GPU) and are never mixed with ours.
+For every bundle and labelled count it reads ``bundles/<b>/runs/<protocol>_<K>p[_<variant>]/``: ``summary.json``
+(training time, best iteration), ``eval/summary.json`` (per-class metrics of the best model on the validation set,
+from ``evaluate.json``) and ``models/validation.jsonl`` (learning curve). Run folders are git-ignored and do not
+outlive the machine that trained them, so every evaluated run folder is also archived as a small committed record
+``docs/runs/<b>/<run>.json`` (eval summary, training summary, validation history, sha256 of the run's best
+``models/model.pt``; scheme in ``docs/runs/README.md``). The table is built from the records, a run folder replacing
+the record of the same name when both exist, so a clean checkout regenerates the same rows. "(shipped)" marks the
+run whose best model is the bundle's ``models/model.pt`` (same bytes; for a record, same sha256).
 
-    python tools/report.py --dataset_dir ../shared/data/ACDC            # writes docs/results.md and docs/*.png
+Speed rows come from a JSON-lines file written by ``tools/benchmark_speed.py --out``. The papers' numbers sit in
+their own columns: they come from another protocol (256x256, 30k iterations, GPU) and are never mixed with ours.
+
+    python tools/report.py --dataset_dir ../shared/data/ACDC   # archives the records, writes docs/results.md, PNGs
+    python tools/report.py --archive                           # only writes/refreshes the docs/runs/ records
+    python tools/report.py --no_archive --no_figures --out /tmp/r/results.md   # a look at the table only
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -45,42 +57,193 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    import hashlib
-
     if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
         return False
     return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
-def collect_runs(protocol: str) -> list[dict]:
-    """One record per evaluated run of ``protocol``: the bundle's default run ``<protocol>_<K>p`` and its variants
-    ``<protocol>_<K>p_<variant>`` (other overlays or options, e.g. a Table-2 base method). ``shipped`` marks the run
-    whose best model is the bundle's ``models/model.pt``."""
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def records_dir() -> Path:
+    """``docs/runs/``: one committed record per evaluated run, ``<bundle>/<run name>.json``."""
+    return REPO / "docs" / "runs"
+
+
+def _names(protocol: str, k: int, names: list[str]) -> list[str]:
+    """The run names of ``names`` that belong to ``<protocol>_<k>p``: the default run and its ``_<variant>`` runs."""
+    base = f"{protocol}_{k}p"
+    return [n for n in names if n == base or n.startswith(base + "_")]
+
+
+def _evaluated_run_folders(protocol: str) -> list[tuple[str, int, Path]]:
+    out = []
+    for bundle in BUNDLE_ORDER:
+        runs = REPO / "bundles" / bundle / "runs"
+        folders = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+        for k in LABELS:
+            for name in _names(protocol, k, folders):
+                if (runs / name / "eval" / "summary.json").is_file():
+                    out.append((bundle, k, runs / name))
+    return out
+
+
+def _machine() -> dict:
+    """CPU model and core count of this machine (the one that held the run folder when it was archived)."""
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+def record_of_run(bundle: str, labeled: int, run: Path, protocol: str) -> dict:
+    """The committed record of an evaluated run folder (see ``docs/runs/README.md``)."""
+    base = f"{protocol}_{labeled}p"
+    summary = _load_json(run / "summary.json") or {}
+    summary.pop("best_model", None)  # an absolute path on the machine that trained it
+    return {
+        "record_version": 1,
+        "run": run.name,
+        "bundle": bundle,
+        "protocol": protocol,
+        "labeled": labeled,
+        "variant": run.name[len(base) + 1:] or None,
+        "source": f"archived by tools/report.py from the run folder bundles/{bundle}/runs/{run.name}/ (summary.json, "
+                  "eval/summary.json, models/validation.jsonl, sha256 of models/model.pt)",
+        "archived": {"date": datetime.date.today().isoformat(), **_machine()},
+        "model_sha256": _sha256(run / "models" / "model.pt"),
+        "eval": _load_json(run / "eval" / "summary.json"),
+        "summary": summary,
+        "history": _history(run),
+    }
+
+
+def _git_ignored(path: Path) -> bool:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(path)],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def archive_runs(protocol: str, records: Path | None = None) -> list[Path]:
+    """Write or refresh the record of every evaluated run folder of ``protocol``; returns the files written (a
+    record whose content is unchanged apart from its ``archived`` date/machine is left alone)."""
+    records = records or records_dir()
+    written = []
+    for bundle, k, run in _evaluated_run_folders(protocol):
+        record = record_of_run(bundle, k, run, protocol)
+        path = records / bundle / f"{run.name}.json"
+        old = _load_json(path)
+        if old is not None:
+            if {**old, "archived": None} == {**record, "archived": None}:
+                continue
+            if old.get("model_sha256") != record["model_sha256"]:
+                print(f"note: {path} described another run ({old.get('source')}); replaced by the record of the run "
+                      f"folder {run} (the old record stays in git history; to keep its row, rename it first, see "
+                      "docs/runs/README.md)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        written.append(path)
+    if written and _git_ignored(written[0]):
+        print(f"WARNING: {written[0]} is git-ignored, so the records would not be committed: add `!docs/runs/` "
+              "after `runs/` in .gitignore")
+    return written
+
+
+def load_records(protocol: str, records: Path | None = None) -> dict[tuple[str, str], dict]:
+    """``(bundle, run name) -> record`` of every record of ``protocol`` under ``records``."""
+    records = records or records_dir()
+    out = {}
+    for bundle in BUNDLE_ORDER:
+        folder = records / bundle
+        names = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        for k in LABELS:
+            for name in _names(protocol, k, names):
+                record = json.loads((folder / f"{name}.json").read_text())
+                if record.get("run") != name or record.get("bundle") != bundle:
+                    raise ValueError(f"{folder / name}.json holds run {record.get('run')!r} of bundle "
+                                     f"{record.get('bundle')!r}: a record's file is docs/runs/<bundle>/<run>.json")
+                out[(bundle, name)] = record
+    return out
+
+
+def _history(run: Path) -> list[dict]:
+    path = run / "models" / "validation.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _row_of_folder(run: Path, shipped_weights: Path) -> dict:
+    weights = run / "models" / "model.pt"
+    return {"run": run, "record": None, "source": None, "superseded": False, "original_run": run.name,
+            "eval": _load_json(run / "eval" / "summary.json"), "summary": _load_json(run / "summary.json") or {},
+            "history": _history(run), "shipped": _same_file(weights, shipped_weights),
+            "weights": weights if weights.is_file() else None,
+            "machine": _machine()}  # the run folder is on this machine
+
+
+def _row_of_record(record: dict, shipped_weights: Path, shipped_sha: str | None) -> dict:
+    shipped = record.get("model_sha256") is not None and record.get("model_sha256") == shipped_sha
+    archived = record.get("archived") or {}
+    return {"run": None, "record": record, "source": record.get("source"),
+            "superseded": bool(record.get("superseded")), "original_run": record.get("original_run", record["run"]),
+            "eval": record.get("eval") or {}, "summary": record.get("summary") or {},
+            "history": record.get("history") or [], "shipped": shipped,
+            # a record has no weights of its own: the shipped row's are the bundle's (same sha256)
+            "weights": shipped_weights if shipped else None,
+            "machine": {key: archived.get(key) for key in ("cpu", "cores")}}
+
+
+def collect_runs(protocol: str, records: Path | None = None) -> list[dict]:
+    """One row per evaluated run of ``protocol``: the bundle's default run ``<protocol>_<K>p`` and its variants
+    ``<protocol>_<K>p_<variant>`` (other overlays or options, e.g. a Table-2 base method), from the run folder
+    when it is here, else from its committed record. ``shipped`` marks the run whose best model is the bundle's
+    ``models/model.pt``; ``method_row`` the row that carries the method's speed and paper columns (the default run,
+    or while there is none, the superseded record of an earlier default run)."""
+    stored = load_records(protocol, records)
+    folders = {(bundle, run.name): run for bundle, _, run in _evaluated_run_folders(protocol)}
     rows = []
     for bundle in BUNDLE_ORDER:
         shipped_weights = REPO / "bundles" / bundle / "models" / "model.pt"
+        shipped_sha = _sha256(shipped_weights) if any(b == bundle for b, _ in stored) else None
+        known = sorted({name for b, name in [*stored, *folders] if b == bundle})
         for k in LABELS:
             base = f"{protocol}_{k}p"
-            runs = [REPO / "bundles" / bundle / "runs" / base]
-            runs += sorted((REPO / "bundles" / bundle / "runs").glob(f"{base}_*"))
-            for run in runs:
-                evaluation = _load_json(run / "eval" / "summary.json")
-                if evaluation is None:
-                    continue
-                variant = run.name[len(base) + 1:] or None
-                summary = _load_json(run / "summary.json") or {}
-                history_path = run / "models" / "validation.jsonl"
-                history = [json.loads(l) for l in history_path.read_text().splitlines() if l.strip()] if history_path.is_file() else []
-                shipped = _same_file(run / "models" / "model.pt", shipped_weights)
-                label = bundle + (f" [{variant}]" if variant else "") + (" (shipped)" if shipped else "")
-                rows.append({"bundle": bundle, "variant": variant, "label": label, "shipped": shipped, "labeled": k,
-                             "run": run, "eval": evaluation, "summary": summary, "history": history})
+            bundle_rows = []
+            for name in _names(protocol, k, known):
+                if (bundle, name) in folders:  # the run folder wins over its record
+                    row = _row_of_folder(folders[(bundle, name)], shipped_weights)
+                else:
+                    row = _row_of_record(stored[(bundle, name)], shipped_weights, shipped_sha)
+                variant = name[len(base) + 1:] or None
+                label = bundle + (f" [{variant}]" if variant else "") + (" (shipped)" if row["shipped"] else "")
+                row.update({"bundle": bundle, "variant": variant, "labeled": k, "name": name, "label": label})
+                bundle_rows.append(row)
+            # the default run first, then the variants by name; a superseded record right after its original name's run
+            bundle_rows.sort(key=lambda r: (r["original_run"] != base, r["original_run"], r["superseded"], r["name"]))
+            has_default = any(r["variant"] is None for r in bundle_rows)
+            for r in bundle_rows:
+                r["method_row"] = r["variant"] is None or (not has_default and r["superseded"]
+                                                           and r["original_run"] == base)
+            rows += bundle_rows
     return rows
 
 
 def _plotted(rows: list[dict], labeled: int) -> list[dict]:
     """Default runs and shipped variants: one curve / panel per method."""
-    return [r for r in rows if r["labeled"] == labeled and (r["variant"] is None or r["shipped"])]
+    return [r for r in rows if r["labeled"] == labeled and (r["method_row"] or r["shipped"])]
 
 
 def speed_rows(path: Path) -> dict[str, dict]:
@@ -94,6 +257,27 @@ def speed_rows(path: Path) -> dict[str, dict]:
     return out
 
 
+def speed_machine(speed: dict[str, dict]) -> str:
+    """Where the speed rows were measured, from their ``cpu`` / ``cores`` / ``threads`` fields."""
+    machines: dict[str, list[str]] = {}
+    for bundle, row in speed.items():
+        if row.get("cpu"):
+            what = f"{row['cpu']}" + (f", {row['cores']} cores" if row.get("cores") else "") + \
+                (f", {row['threads']} torch threads" if row.get("threads") else "")
+        else:
+            what = "machine not recorded"
+        machines.setdefault(what, []).append(bundle)
+    if len(machines) == 1:
+        return next(iter(machines))
+    return "; ".join(f"{', '.join(bundles)}: {what}" for what, bundles in machines.items())
+
+
+def _wall_minutes(summary: dict) -> float | None:
+    if summary.get("wall_time_s"):
+        return summary["wall_time_s"] / 60.0
+    return summary.get("wall_time_min")  # a record carried over from a printed table: minutes as printed
+
+
 def results_table(rows: list[dict], speed: dict[str, dict]) -> str:
     head = ("| method | labelled | Dice % | Jaccard % | 95HD | ASD | RV / MYO / LV Dice % | best it. | train time | "
             "s/it | ratio to supervised | paper Dice % | paper Jaccard % | paper 95HD | paper ASD |\n"
@@ -102,21 +286,87 @@ def results_table(rows: list[dict], speed: dict[str, dict]) -> str:
     for r in rows:
         mean = r["eval"].get("mean", {})
         per_class = " / ".join(_fmt(r["eval"].get(c, {}).get("dice"), 100, 1) for c in ("RV", "MYO", "LV"))
-        wall = r["summary"].get("wall_time_s")
-        done, this_session = r["summary"].get("iterations"), r["summary"].get("iterations_this_session")
+        s = r["summary"]
+        wall = s.get("wall_time_s")
+        done, this_session = s.get("iterations"), s.get("iterations_this_session")
         # a run resumed from a checkpoint without the summary's state knows only its last session's time
-        partial = f" (last {this_session} it.)" if wall and this_session and done and this_session < done and \
-            r["summary"].get("wall_time_this_session_s", wall) == wall else ""
+        last_session_only = s.get("wall_time_last_session_only")
+        if last_session_only is None:
+            last_session_only = bool(wall and this_session and done and this_session < done and
+                                     s.get("wall_time_this_session_s", wall) == wall)
+        partial = f" (last {this_session} it.)" if last_session_only and this_session else ""
         # a variant may change the step (another base method): the bundle's speed row describes the default step
-        sp = speed.get(r["bundle"], {}) if r["variant"] is None else {}
-        paper = PAPER_ACDC.get(r["bundle"], {}).get(r["labeled"], (None,) * 4) if r["variant"] is None else (None,) * 4
+        method_row = r.get("method_row", r["variant"] is None)
+        sp = speed.get(r["bundle"], {}) if method_row else {}
+        paper = PAPER_ACDC.get(r["bundle"], {}).get(r["labeled"], (None,) * 4) if method_row else (None,) * 4
         lines.append(
             f"| {r['label']} | {LABELS[r['labeled']]} | {_fmt(mean.get('dice'), 100)} | {_fmt(mean.get('jaccard'), 100)} | "
-            f"{_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} | {per_class} | {r['summary'].get('best_iteration', '-')} | "
-            f"{_fmt(wall / 60.0 if wall else None, 1, 1)} min{partial} | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
+            f"{_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} | {per_class} | {s.get('best_iteration', '-')} | "
+            f"{_fmt(_wall_minutes(s), 1, 1)} min{partial} | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
             + (f"{_fmt(sp.get('ratio_to_supervised'), 1, 2)} (pass count {sp.get('pass_count', '-')}) | " if sp else "- | ")
             + " | ".join(_fmt(v) for v in paper) + " |")
     return "\n".join(lines)
+
+
+def provenance(rows: list[dict], speed: dict[str, dict], speed_path: Path) -> str:
+    """The lines under the table: where the speed rows were measured, and which rows come from records."""
+    try:
+        shown = speed_path.resolve().relative_to(REPO)
+    except ValueError:
+        shown = speed_path
+    text = []
+    if speed:
+        text.append(f"The s/it and ratio columns were measured by `tools/benchmark_speed.py` (`{shown}`) on: "
+                    f"{speed_machine(speed)}; not necessarily the machine of the accuracy runs.")
+    by_machine: dict[str, list[str]] = {}
+    for r in rows:
+        m = r.get("machine") or {}
+        if m.get("cpu"):
+            what = m["cpu"] + (f", {m['cores']} cores" if m.get("cores") else "")
+            by_machine.setdefault(what, []).append(f"{r['label']}, {r['labeled']}p")
+    if by_machine:
+        text.append("Machine that held the run folder (where it was trained and evaluated, or archived): "
+                    + "; ".join(f"{what} ({'; '.join(labels)})" for what, labels in by_machine.items())
+                    + (". Other rows: machine not recorded (see the notes below)." if
+                       sum(map(len, by_machine.values())) < len(rows) else "."))
+    by_source: dict[str, list[str]] = {}
+    for r in rows:
+        if r["record"] is not None:
+            by_source.setdefault(r["source"] or "no source given", []).append(f"{r['label']}, {r['labeled']}p")
+    if by_source:
+        text.append("Rows whose run folder was not on the machine that generated this page come from their "
+                    "committed records `docs/runs/<bundle>/<run>.json`:\n\n"
+                    + "\n".join(f"- {'; '.join(labels)}: {source}." for source, labels in by_source.items()))
+    return "\n\n".join(text)
+
+
+README_START = "<!-- results-table: written by tools/report.py -->"
+README_END = "<!-- /results-table -->"
+
+
+def readme_table(rows: list[dict], speed: dict[str, dict]) -> str:
+    """The README's compact table: the columns of :func:`results_table` a reader compares first."""
+    lines = ["| method | labelled | Dice % | Jaccard % | 95HD | ASD | s/it | ratio to supervised |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean = r["eval"].get("mean", {})
+        sp = speed.get(r["bundle"], {}) if r["variant"] is None else {}
+        lines.append(
+            f"| {r['label']} | {LABELS[r['labeled']]} | {_fmt(mean.get('dice'), 100)} | {_fmt(mean.get('jaccard'), 100)} | "
+            f"{_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} | {_fmt(sp.get('s_per_iteration_median'), 1, 3)} | "
+            + (f"{_fmt(sp.get('ratio_to_supervised'), 1, 2)} (pass count {sp.get('pass_count', '-')}) |" if sp else "- |"))
+    return "\n".join(lines)
+
+
+def write_readme_table(readme: Path, table: str) -> bool:
+    """Replace the block between the README's results-table markers; False (and nothing written) without them."""
+    text = readme.read_text() if readme.is_file() else ""
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+    return True
 
 
 def plot_learning_curves(rows: list[dict], out: Path, labeled: int) -> Path | None:
@@ -169,7 +419,8 @@ def plot_examples(rows: list[dict], out: Path, dataset_dir: Path, case: str, lab
 
     from common.evaluation import ResizeToPatch
 
-    chosen = [r for r in _plotted(rows, labeled) if (r["run"] / "models" / "model.pt").is_file()]
+    # a record has no weights of its own; the shipped row's are the bundle's models/model.pt (same sha256)
+    chosen = [r for r in _plotted(rows, labeled) if r["weights"] is not None and r["weights"].is_file()]
     path = dataset_dir / "data" / f"{case}.h5"
     if not chosen or not path.is_file():
         return None
@@ -179,7 +430,7 @@ def plot_examples(rows: list[dict], out: Path, dataset_dir: Path, case: str, lab
     x = torch.as_tensor(image[k], dtype=torch.float32)[None, None]
     panels = [("image", None), ("ground truth", label[k])]
     for r in chosen:
-        net, patch = _bundle_network(r["bundle"], r["run"] / "models" / "model.pt")
+        net, patch = _bundle_network(r["bundle"], r["weights"])
         with torch.no_grad():
             pred = ResizeToPatch(net, patch)(x).argmax(1)[0].numpy()
         panels.append((r["label"].replace(" (shipped)", ""), pred))
@@ -207,14 +458,28 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--extra", default=str(REPO / "docs" / "results_notes.md"),
                         help="markdown appended verbatim (machine, commands, caveats)")
+    parser.add_argument("--records", default=None, help="folder of the run records (default: docs/runs)")
+    parser.add_argument("--archive", action="store_true",
+                        help="only write/refresh the records of the evaluated run folders here, no report")
+    parser.add_argument("--no_archive", action="store_true",
+                        help="do not write records (by default every report run archives the run folders first)")
+    parser.add_argument("--no_figures", action="store_true", help="table only: no PNGs (no matplotlib/torch needed)")
     args = parser.parse_args()
+    if args.archive and args.no_archive:
+        parser.error("--archive and --no_archive exclude each other")
+    records = Path(args.records) if args.records else None
 
+    if not args.no_archive:
+        written = archive_runs(args.protocol, records)
+        print(f"archived {len(written)} run record(s)" + "".join(f"\n  {p}" for p in written))
+        if args.archive:
+            return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = collect_runs(args.protocol)
+    rows = collect_runs(args.protocol, records)
     speed = speed_rows(Path(args.speed))
     figures = []
-    for k in LABELS:
+    for k in LABELS if not args.no_figures else []:
         curve = plot_learning_curves(rows, out.parent / f"learning_curves_{k}p.png", k)
         example = plot_examples(rows, out.parent / f"examples_{k}p.png", Path(args.dataset_dir), args.case, k)
         figures += [(f"Validation Dice during training, {LABELS[k]}", curve), (f"Example segmentations, {LABELS[k]}", example)]
@@ -223,7 +488,8 @@ def main() -> None:
         "",
         f"Generated by `python tools/report.py --dataset_dir {args.dataset_dir}` from the run folders "
         f"`bundles/<bundle>/runs/{args.protocol}_<K>p/` (validation-set evaluation of each run's best checkpoint by "
-        "`evaluate.json`) and the speed rows of `tools/benchmark_speed.py`.",
+        "`evaluate.json`) or, where a run folder is not here, its committed record `docs/runs/<bundle>/<run>.json`, "
+        "and the speed rows of `tools/benchmark_speed.py`.",
         "",
         "Protocol: ACDC-CPU v1 (`benchmarks.md`): 128x128 slices, 4 labelled + 4 unlabelled per iteration "
         "(supervised: 4 labelled), 1500 iterations, seed 1337, best of the validations every 250 iterations, "
@@ -234,6 +500,9 @@ def main() -> None:
         results_table(rows, speed) if rows else "_No evaluated runs found._",
         "",
     ]
+    notes = provenance(rows, speed, Path(args.speed))
+    if notes:
+        text += [notes, ""]
     for title, path in figures:
         if path is not None:
             text += [f"**{title}**", "", f"![{title}]({path.name})", ""]
@@ -242,6 +511,9 @@ def main() -> None:
         text += [extra.read_text().strip(), ""]
     out.write_text("\n".join(text))
     print(f"wrote {out} ({len(rows)} runs, {sum(p is not None for _, p in figures)} figures)")
+    if rows and out.resolve() == (REPO / "docs" / "results.md").resolve():
+        if write_readme_table(REPO / "README.md", readme_table(rows, speed)):
+            print(f"wrote the results table of {REPO / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["DataError", "LoadSampled", "read_array", "array_shape", "is_h5", "image_files"]
+__all__ = ["DataError", "LoadSampled", "read_array", "array_shape", "is_h5", "image_files", "find_loader",
+           "check_label_values"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 
@@ -214,7 +215,8 @@ class LoadSampled(MapTransform):
         if self.num_classes is not None:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= self.num_classes:
-                bad = np.unique(arr[(arr < 0) | (arr >= self.num_classes)])[:8].tolist()
+                bad = [int(v) if float(v).is_integer() else float(v)
+                       for v in np.unique(arr[(arr < 0) | (arr >= self.num_classes)])[:8].tolist()]
                 raise DataError(
                     f"{name}: label values {bad} are outside the {self.num_classes} classes 0..{self.num_classes - 1}"
                 )
@@ -233,3 +235,46 @@ def image_files(folder: str) -> list[dict]:
     if not files:
         raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return [{"image": f} for f in files]
+
+
+def find_loader(transform: Any) -> LoadSampled | None:
+    """The first :class:`LoadSampled` of a transform chain (``Compose`` nested or not), or None."""
+    if isinstance(transform, LoadSampled):
+        return transform
+    for child in getattr(transform, "transforms", None) or ():
+        found = find_loader(child)
+        if found is not None:
+            return found
+    return None
+
+
+def check_label_values(items: Sequence[Mapping], loader: LoadSampled, key: str = "label") -> int:
+    """Read the label of every item once (a file shared by several slice items once) and check it as
+    ``loader`` does while training: integer values in ``[0, num_classes)``.
+
+    Run before training starts, so a bad label stops the run at once with its file named, instead of when that
+    slice is first drawn, inside a loader worker, minutes or hours in. Returns the number of labels read.
+
+    Raises:
+        DataError: naming the file (or the in-memory item's name) and the values outside the classes.
+    """
+    if loader.num_classes is None:
+        return 0
+    seen: set[str] = set()
+    count = 0
+    for item in items:
+        value = item.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (str, os.PathLike)):
+            path = os.fspath(value)
+            if path in seen:
+                continue
+            seen.add(path)
+            arr, name = loader._load(path, key, is_label=True)
+        else:
+            arr, _ = loader._load(value, key, is_label=True)
+            name = f"{item.get('name', 'an in-memory item')} (in-memory {key})"
+        loader._check_label(np.asarray(arr), name)
+        count += 1
+    return count

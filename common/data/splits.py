@@ -319,8 +319,23 @@ def load_split(
 
     ``num_labeled`` means labelled patients for ACDC, cases for LA, the first K training items of a datalist
     (``None`` keeps them all) and labelled images for synthetic data. For ``datalist``, ``dataset_dir`` is the
-    JSON file (or a folder holding ``datalist.json``)."""
+    JSON file (or a folder holding ``datalist.json``).
+
+    Raises:
+        DataError: an unknown source, a ``num_labeled`` that is not a whole number, a ``dataset_dir`` given with
+            the synthetic source (which would silently train on synthetic data), or any problem of the data.
+    """
     source = source.lower()
+    if num_labeled is not None:
+        if isinstance(num_labeled, float) and num_labeled.is_integer():
+            num_labeled = int(num_labeled)
+        if isinstance(num_labeled, bool) or not isinstance(num_labeled, int):
+            raise DataError(f"num_labeled must be a whole number or null, got {num_labeled!r}")
+    if source == "synthetic" and dataset_dir:
+        raise DataError(
+            f"dataset_dir is set ({dataset_dir!r}) but data_source is 'synthetic', which does not read it; "
+            "add --data_source acdc (or la, datalist) or a data overlay such as configs/acdc.json"
+        )
     if source == "synthetic":
         kwargs = dict(synthetic or {})
         if num_labeled is not None:

@@ -21,7 +21,7 @@ from monai.data import list_data_collate
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import DataLoader, Dataset
 
-from common.data.loading import DataError
+from common.data.loading import DataError, check_label_values, find_loader
 from common.data.splits import expand_to_slices
 
 __all__ = ["TwoStreamLoader", "stream_keys"]
@@ -111,6 +111,11 @@ class TwoStreamLoader:
         rank, world_size: this process's share of each global batch; default from ``torch.distributed``.
         slice_volumes: train a 2D model: volume items are expanded into one item per slice
             (:func:`~common.data.splits.expand_to_slices`; slice items pass through), whoever set the data.
+        check_labels: read every labelled item's label once, now, with the dataset's ``LoadSampled`` checks
+            (values within its classes), so that a bad label stops the run before training, naming the file.
+
+    Raises:
+        DataError: an empty labelled set, or a label with values outside the classes (naming its file).
 
     ``len(loader)`` is the labelled epoch length in iterations. :meth:`set_start_iteration` makes the next
     ``iter()`` continue from a given iteration (the trainer calls it when resuming).
@@ -128,6 +133,7 @@ class TwoStreamLoader:
         world_size: int | None = None,
         collate_fn: Callable = list_data_collate,
         slice_volumes: bool = False,
+        check_labels: bool = True,
     ) -> None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
@@ -137,6 +143,9 @@ class TwoStreamLoader:
         self.labeled = _SeededItems(expand(labeled_dataset.data), labeled_dataset.transform)
         if len(self.labeled) == 0:
             raise DataError("no labelled items: the labelled set is empty")
+        loader = find_loader(labeled_dataset.transform)
+        if loader is not None and check_labels:
+            check_label_values(self.labeled.data, loader)
         if labeled_batch_size < 1:
             raise ValueError(f"labeled_batch_size must be >= 1, got {labeled_batch_size}")
         self.unlabeled = None

@@ -14,11 +14,12 @@ import os
 import random
 import tempfile
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 __all__ = [
     "CheckpointError",
@@ -27,8 +28,10 @@ __all__ = [
     "load_weights",
     "RNGState",
     "ResumeCheckpoint",
+    "ADJUSTABLE_ON_RESUME",
     "BestModelSaver",
     "is_main_process",
+    "quiet_engine_log",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,16 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file."""
+
+
+def quiet_engine_log(engine: Engine) -> None:
+    """Keep an Ignite engine's own INFO lines (run start/resume, "Epoch[N] Complete", run finished) out of the
+    log: the runs here are iteration-based, so epochs mean nothing to the reader, and every MONAI engine
+    starts with a state, so Ignite calls even a fresh run "resuming from iteration 0". Warnings and errors
+    still show."""
+    log = getattr(engine, "logger", None)
+    if isinstance(log, logging.Logger) and log.level < logging.WARNING:
+        log.setLevel(logging.WARNING)
 
 
 def is_main_process() -> bool:
@@ -138,9 +151,52 @@ class _EngineProgress:
             self.engine.state.epoch = iteration // int(epoch_length)
 
 
+#: top-level settings that may change when a run resumes: they set how long and how the run goes on, not what
+#: is trained (the LR schedule is rebuilt for a new length; ramp-ups are functions of the config already)
+ADJUSTABLE_ON_RESUME = (
+    "iterations", "val_interval", "checkpoint_interval", "num_workers", "device", "amp", "resume", "run_name",
+    "output_dir", "ckpt_dir", "bundle_root", "imports",
+    # how the step runs, not what it computes (issue 16's fast path; precision changes rounding only)
+    "channels_last", "compile", "precision",
+)
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    if text is None:
+        return "(absent)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rebuild_schedule(scheduler: LRScheduler, saved: Mapping, path: str, key: str) -> None:
+    """Put ``scheduler`` (built from this run's settings) at the saved position, with the learning rate its own
+    settings give there. Loading the saved state instead would bring back the old length (a poly schedule
+    stuck at 0 after its old end)."""
+    scheduler.last_epoch = int(saved["last_epoch"])
+    if "_step_count" in saved:
+        scheduler._step_count = int(saved["_step_count"])
+    if hasattr(scheduler, "_get_closed_form_lr"):
+        lrs = scheduler._get_closed_form_lr()
+    elif isinstance(scheduler, LambdaLR):
+        lrs = scheduler.get_lr()
+    else:
+        raise CheckpointError(
+            f"{path}: cannot rebuild '{key}' ({type(scheduler).__name__}) for the changed settings; "
+            "start over with --resume false, or use a new --run_name"
+        )
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 class ResumeCheckpoint:
     """Save everything needed to continue a run every ``interval`` iterations and at the end; on start, resume
     from ``save_dir/filename`` if it exists.
+
+    With ``settings``, the checkpoint records the run's settings and a resume compares them: settings of
+    ``adjustable`` (by top-level key, e.g. ``iterations``) are applied, and every LR scheduler of ``save_dict``
+    is rebuilt for them at the saved position; any other difference (method, data, network, optimizer...)
+    stops the run with the differing keys, since the result would belong to neither configuration. The
+    decision is logged.
 
     Args:
         save_dir: the run's checkpoint folder.
@@ -149,20 +205,33 @@ class ResumeCheckpoint:
         interval: iterations between saves.
         resume: load an existing checkpoint on start (set ``False`` to start over; the file is then replaced).
         load_path: resume from this file instead of ``save_dir/filename``.
+        settings: ``{id: text}`` of the run's settings (``common.bundle_utils.run_settings()`` in bundle
+            configs); None skips the comparison.
+        adjustable: top-level setting names that may differ on resume.
+
+    Raises:
+        CheckpointError (on start): the file cannot be used, its settings differ in keys that are not
+        adjustable, or it is past the run's ``max_iterations``.
     """
 
     def __init__(self, save_dir: str, save_dict: Mapping[str, Any], interval: int = 100,
                  filename: str = "checkpoint.pt", resume: bool = True, load_path: str | None = None,
-                 map_location: Any = "cpu") -> None:
+                 map_location: Any = "cpu", settings: Mapping[str, str] | None = None,
+                 adjustable: Sequence[str] = ADJUSTABLE_ON_RESUME) -> None:
         if interval < 1:
             raise ValueError(f"checkpoint interval must be >= 1, got {interval}")
+        if not isinstance(resume, bool):
+            raise ValueError(f"resume must be true or false, got {resume!r}")
         self.path = os.path.join(save_dir, filename)
         self.save_dict = dict(save_dict)
         self.interval = int(interval)
         self.resume = resume
         self.load_path = load_path
         self.map_location = map_location
+        self.settings = dict(settings) if settings is not None else None
+        self.adjustable = set(adjustable)
         self.resumed_from: int | None = None
+        self.changed_settings: dict[str, tuple[str | None, str | None]] = {}
 
     def attach(self, engine: Engine) -> None:
         """Resume on start and save every ``interval`` iterations and at the end. Handlers attached later run
@@ -180,26 +249,74 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
 
+    def _differences(self, saved: Any, path: str) -> dict[str, tuple[str | None, str | None]]:
+        if self.settings is None:
+            return {}
+        if not isinstance(saved, Mapping):
+            logger.info(f"{path} records no settings (written by an older version): they are not compared")
+            return {}
+        keys = sorted(set(saved) | set(self.settings))
+        return {k: (saved.get(k), self.settings.get(k)) for k in keys if saved.get(k) != self.settings.get(k)}
+
+    def _check_settings(self, state: Mapping, path: str, position: int, engine: Engine | None) -> None:
+        changed = self._differences(state.get("settings"), path)
+        refused = {k: v for k, v in changed.items() if k.split("#")[0] not in self.adjustable}
+        if refused:
+            listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(refused.items())[:12])
+            more = f" (and {len(refused) - 12} more)" if len(refused) > 12 else ""
+            raise CheckpointError(
+                f"{path} was written with other settings ({listed}{more}); resuming would mix two "
+                "configurations. Start over with --resume false (replaces this run), or use a new --run_name"
+            )
+        max_iterations = getattr(engine, "max_iterations", None) if engine is not None else None
+        if max_iterations is not None and position > int(max_iterations):
+            raise CheckpointError(
+                f"{path} is at iteration {position}, past this run's {max_iterations} iterations; raise "
+                "--iterations, start over with --resume false, or use a new --run_name"
+            )
+        self.changed_settings = changed
+
     def load(self, engine: Engine | None = None) -> bool:
         path = self.load_path or self.path
-        if not self.resume or not os.path.exists(path):
+        if not self.resume:
+            if os.path.exists(path):
+                logger.warning(f"resume is false: starting a new run; {path} will be replaced")
+            return False
+        if not os.path.exists(path):
             return False
         state = load_checkpoint(path, self.map_location)
         missing = [k for k in self.save_dict if k not in state]
         if missing:
             raise CheckpointError(f"{path}: checkpoint lacks {missing} (has {sorted(state)})")
+        position = int(state["trainer"]["iteration"])
+        self._check_settings(state, path, position, engine)
+        rebuild = bool(self.changed_settings)
         for key, obj in self.save_dict.items():
+            if rebuild and isinstance(obj, LRScheduler):
+                continue
             try:
                 obj.load_state_dict(state[key])
             except Exception as e:
                 raise CheckpointError(f"{path}: entry '{key}' does not fit this run's {type(obj).__name__}: {e}") from e
-        self.resumed_from = int(state["trainer"]["iteration"])
-        logger.info(f"resumed from {path} at iteration {self.resumed_from}")
+        if rebuild:
+            for key, obj in self.save_dict.items():
+                if isinstance(obj, LRScheduler):
+                    _rebuild_schedule(obj, state[key], path, key)
+        self.resumed_from = position
+        if rebuild:
+            listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in self.changed_settings.items())
+            logger.warning(f"resumed from {path} at iteration {position} with changed settings ({listed}); "
+                           "the learning-rate schedule is rebuilt for them and ramp-ups follow them")
+        else:
+            logger.info(f"resumed from {path} at iteration {position}")
         return True
 
     def save(self, engine: Engine | None = None) -> None:
         if is_main_process():
-            atomic_save({k: obj.state_dict() for k, obj in self.save_dict.items()}, self.path)
+            state = {k: obj.state_dict() for k, obj in self.save_dict.items()}
+            if self.settings is not None:
+                state["settings"] = self.settings
+            atomic_save(state, self.path)
 
 
 class BestModelSaver:
@@ -229,6 +346,9 @@ class BestModelSaver:
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
         self.evaluator.add_event_handler(Events.COMPLETED, self._on_validation)
+        # this saver's line ("validation at iteration N: ...") is the one line per validation; Ignite's own
+        # lines for each evaluator run ("resuming from iteration 0", "Epoch[1] Complete") count epochs of one
+        quiet_engine_log(self.evaluator)
 
     def _improved(self, value: float) -> bool:
         if not np.isfinite(value):

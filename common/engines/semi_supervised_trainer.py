@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
 import torch
 from ignite.engine import Events
@@ -14,9 +14,13 @@ from monai.inferers import Inferer, SimpleInferer
 from torch.optim import Optimizer
 
 from common.data.loading import DataError
+from common.engines.checkpoints import quiet_engine_log
 from common.engines.distributed import all_reduce_gradients, broadcast_state, is_distributed
+from common.engines.fast_path import FastPath
 from common.engines.tracking import adapt_tracking_handler
-from common.methods.base import SemiSupervisedMethod
+
+if TYPE_CHECKING:  # pragma: no cover - the methods import the engines package (EMA), not the other way round
+    from common.methods.base import SemiSupervisedMethod
 
 __all__ = ["SemiSupervisedTrainer", "NonFiniteLossError", "loss_terms"]
 
@@ -74,7 +78,11 @@ class SemiSupervisedTrainer(Trainer):
             Training stops at whichever limit comes first (MONAI Label sets ``max_epochs``).
         inferer: kept for MONAI's bundle properties (``train#inferer``); the method does its own forwards.
         train_handlers: MONAI/Ignite handlers to attach.
-        amp: mixed precision on CUDA (ignored with a warning on CPU).
+        amp: mixed precision on CUDA (ignored with a warning on CPU); the same as ``precision="fp16"`` there.
+        channels_last: weights and batch images in channels-last memory format (:mod:`common.engines.fast_path`).
+        compile: ``torch.compile`` the network's and the method's conv blocks (eager fallback with one warning).
+        precision: ``"float32"`` (default), ``"bf16"`` (CPU with bf16 support, CUDA) or ``"fp16"`` (CUDA, with a
+            gradient scaler): autocast around the method's step; logits and losses stay float32.
         nonfinite: ``"raise"`` stops with :class:`NonFiniteLossError` (nothing is stepped or saved);
             ``"skip"`` drops that iteration's update and goes on.
         non_blocking: non-blocking host-to-device copies.
@@ -98,6 +106,9 @@ class SemiSupervisedTrainer(Trainer):
         nonfinite: str = "raise",
         non_blocking: bool = False,
         checkpoint: Optional[Any] = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        precision: str = "float32",
     ) -> None:
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
@@ -115,6 +126,10 @@ class SemiSupervisedTrainer(Trainer):
         if amp and device.type != "cuda":
             logger.warning("amp=True has no effect on %s; training in float32", device)
             amp = False
+        if amp and precision == "float32":
+            precision = "fp16"
+        self.fast_path = FastPath(channels_last=channels_last, compile=compile, precision=precision, device=device)
+        amp = self.fast_path.autocast_dtype is not None
         super().__init__(
             device=device,
             max_epochs=int(max_epochs),
@@ -128,6 +143,7 @@ class SemiSupervisedTrainer(Trainer):
         self.network = network
         self.optimizer = optimizer
         self.method = method.to(device)
+        self.fast_path.prepare(network, self.method)
         self.inferer = inferer or SimpleInferer()
         self.max_iterations = int(max_iterations)
         self.nonfinite = nonfinite
@@ -144,6 +160,7 @@ class SemiSupervisedTrainer(Trainer):
         if checkpoint is not None:
             checkpoint.attach_saving(self)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
+        quiet_engine_log(self)  # iteration-based: Ignite's per-epoch lines would appear every few iterations
 
     # -- public helpers for methods -------------------------------------------------------------------------
     @property
@@ -165,7 +182,7 @@ class SemiSupervisedTrainer(Trainer):
 
     # -- Ignite plumbing -------------------------------------------------------------------------------------
     def run(self) -> None:  # type: ignore[override]
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.fast_path.needs_grad_scaler else None
         super(Trainer, self).run()
 
     def _sync_loader_position(self, engine: "SemiSupervisedTrainer") -> None:
@@ -210,16 +227,18 @@ class SemiSupervisedTrainer(Trainer):
     def _iteration(self, engine: "SemiSupervisedTrainer", batchdata: Dict[str, Any]) -> Dict[str, Any]:
         if batchdata is None or "labeled" not in batchdata:
             raise ValueError("SemiSupervisedTrainer needs batches {'labeled': ..., 'unlabeled': ...} from TwoStreamLoader")
-        labeled = _to_device(batchdata["labeled"], self.state.device, self.non_blocking)
-        unlabeled = _to_device(batchdata.get("unlabeled"), self.state.device, self.non_blocking)
+        labeled = self.fast_path.batch(_to_device(batchdata["labeled"], self.state.device, self.non_blocking))
+        unlabeled = self.fast_path.batch(_to_device(batchdata.get("unlabeled"), self.state.device, self.non_blocking))
         if self.method.requires_unlabeled and unlabeled is None:
             raise DataError(f"{type(self.method).__name__} needs unlabelled data, but the batch has none")
 
         self.network.train()
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.state.device.type, enabled=bool(self.amp), **self.amp_kwargs):
+        with self.fast_path.autocast():
             losses = self.method.train_step(self, labeled, unlabeled)
+        if self.fast_path.autocast_dtype is not None:
+            losses = self.fast_path.float32_losses(losses)  # losses and their logs stay float32
         if "loss" not in losses:
             raise KeyError(f"{type(self.method).__name__}.train_step must return a 'loss' entry (got {sorted(losses)})")
         self.state.output = {"image": labeled["image"], "label": labeled.get("label"), **losses}

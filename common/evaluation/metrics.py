@@ -1,6 +1,10 @@
 """Segmentation metrics with medpy 0.5.2 semantics (methods/base.md section 6).
 
-Definitions (all distances in voxel units, or in the units of ``spacing`` when given):
+This is the ONE metric definition of the project: validation (the ``val_mean_dice`` that selects
+``models/model.pt``), evaluation tables and reports all use it (SSL4MIS/medpy semantics: a class whose ground
+truth is empty in a volume but predicted there scores Dice 0; MONAI's ``MeanDice`` would drop it).
+
+Definitions (all distances in voxel units, or in the units of ``spacing`` when given, normally mm):
 
 - surface(A) = A minus its one-step binary erosion with the connectivity-1 (cross) element,
   voxels outside the array counting as background;
@@ -36,14 +40,23 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_KEYS",
+    "DISTANCE_KEYS",
+    "DISTANCE_UNITS",
     "binary_metrics",
     "multiclass_metrics",
     "summarize",
     "write_metric_tables",
+    "metric_column",
 ]
 
 #: Metric names, in the column order used by the tables.
 METRIC_KEYS: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd", "assd")
+
+#: The metrics that are distances (their unit is ``voxel`` or ``mm``).
+DISTANCE_KEYS: tuple[str, ...] = ("hd95", "asd", "assd")
+
+#: Units a distance can be reported in: ``voxel`` (no spacing) or ``mm`` (NIfTI/NRRD/MHA header spacing).
+DISTANCE_UNITS: tuple[str, ...] = ("voxel", "mm")
 
 _NAN = float("nan")
 
@@ -74,15 +87,17 @@ def _surface_distances(
 
 
 def binary_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, distances: bool = True
 ) -> dict[str, Any]:
     """Dice, Jaccard, HD95, ASD and ASSD of one binary mask pair.
 
     Args:
         pred: prediction mask, shape (D1, ..., Dn) with n >= 2; non-zero voxels are foreground.
         gt: ground-truth mask of the same shape.
-        spacing: optional voxel spacing, one value per axis of ``pred`` (medpy's ``voxelspacing``);
-            ``None`` means voxel units.
+        spacing: optional voxel spacing, one value per axis of ``pred`` in the ARRAY's axis order
+            (medpy's ``voxelspacing``); ``None`` means voxel units.
+        distances: ``False`` skips the surface distances (hd95/asd/assd are NaN): the overlap metrics alone
+            are cheap, which is what validation's Dice needs.
 
     Returns:
         ``{"dice", "jaccard", "hd95", "asd", "assd"}`` as python floats, plus ``"both_empty"`` (bool),
@@ -108,7 +123,7 @@ def binary_metrics(
     inter = int(np.count_nonzero(p & g))
     dice = 2.0 * inter / (n_p + n_g)
     jaccard = inter / (n_p + n_g - inter)
-    if n_g == 0:
+    if n_g == 0 or not distances:
         return {"dice": dice, "jaccard": jaccard, "hd95": _NAN, "asd": _NAN, "assd": _NAN, "both_empty": False}
 
     d_pg, d_gp = _surface_distances(p, g, spacing)
@@ -126,6 +141,7 @@ def multiclass_metrics(
     gt: np.ndarray,
     class_names: Mapping[int, str],
     spacing: Sequence[float] | None = None,
+    distances: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """:func:`binary_metrics` of ``pred == c`` vs ``gt == c`` for every class ``c`` in ``class_names``.
 
@@ -133,13 +149,14 @@ def multiclass_metrics(
         pred: integer label map, shape (D1, ..., Dn) with n >= 2.
         gt: integer label map of the same shape.
         class_names: class index -> name; background is only evaluated if listed.
-        spacing: optional voxel spacing, one value per axis.
+        spacing: optional voxel spacing, one value per axis (array order).
+        distances: see :func:`binary_metrics`.
 
     Returns:
         ``{name: binary_metrics(...)}`` in the order of ``class_names``.
     """
     pred, gt = _check_pair(pred, gt)
-    return {name: binary_metrics(pred == c, gt == c, spacing) for c, name in class_names.items()}
+    return {name: binary_metrics(pred == c, gt == c, spacing, distances) for c, name in class_names.items()}
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -183,31 +200,47 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def metric_column(metric: str, distance_unit: str) -> str:
+    """Column / display name of ``metric``: distances carry their unit (``hd95_mm``, ``hd95_voxel``)."""
+    return f"{metric}_{distance_unit}" if metric in DISTANCE_KEYS else metric
+
+
 def write_metric_tables(
-    cases: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]], out_dir: str | os.PathLike
+    cases: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]],
+    out_dir: str | os.PathLike,
+    distance_unit: str = "voxel",
 ) -> dict[str, dict[str, float]]:
     """Write ``metrics_per_case.csv``, ``metrics.json`` and ``summary.json`` into ``out_dir``.
 
     Args:
         cases: ``(case_name, {class_name: {metric: value}})`` pairs.
         out_dir: output folder, created if needed.
+        distance_unit: ``"voxel"`` or ``"mm"``: the unit the distances of ``cases`` are in; it names the CSV
+            columns (``hd95_mm`` ...) and is stored as ``"distance_unit"`` in both JSON files.
 
     Returns:
-        :func:`summarize` of the cases. The CSV has one row per case x class (columns ``case, class,
-        dice, jaccard, hd95, asd, assd``; NaN written as ``nan``); the JSON files store NaN as null.
-        ``metrics.json`` is ``{"cases": {case: {class: metrics}}, "summary": summary}``.
+        :func:`summarize` of the cases. The CSV has one row per case x class (columns ``case, class, dice,
+        jaccard, hd95_<unit>, asd_<unit>, assd_<unit>``; NaN written as ``nan``); the JSON files store NaN as
+        null. ``metrics.json`` is ``{"distance_unit", "cases": {case: {class: metrics}}, "summary": summary}``;
+        ``summary.json`` is ``summary`` plus ``"distance_unit"``.
+
+    Raises:
+        ValueError: ``distance_unit`` is not one of :data:`DISTANCE_UNITS`.
     """
+    if distance_unit not in DISTANCE_UNITS:
+        raise ValueError(f"distance_unit must be one of {DISTANCE_UNITS}, got {distance_unit!r}")
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize([per_class for _, per_class in cases])
     with open(os.path.join(out_dir, "metrics_per_case.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "class", *METRIC_KEYS])
+        writer.writerow(["case", "class", *(metric_column(k, distance_unit) for k in METRIC_KEYS)])
         for case_name, per_class in cases:
             for class_name, m in per_class.items():
                 writer.writerow([case_name, class_name, *(repr(float(m[k])) for k in METRIC_KEYS)])
     per_case = {case_name: per_class for case_name, per_class in cases}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(_json_safe({"cases": per_case, "summary": summary}), f, indent=2, allow_nan=False)
+        json.dump(_json_safe({"distance_unit": distance_unit, "cases": per_case, "summary": summary}), f, indent=2,
+                  allow_nan=False)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
+        json.dump(_json_safe({"distance_unit": distance_unit, **summary}), f, indent=2, allow_nan=False)
     return summary

@@ -114,7 +114,11 @@ class CMLMethod(SemiSupervisedMethod):
         lambda_discrepancy: lambda2 (ACDC 0.1, LA 0.2).
         lambda_labeled: weight of the labelled term (1 in the paper).
         mask_ratio: beta, the side of the CutMix box as a fraction of the patch (ACDC 1/2, LA 2/3).
-        mask_position: ``"centre"`` (paper: zero-centred mask) or ``"random"`` (released code).
+        mask_position: ``"random"`` (default: a new box position for every mix, uniform over the positions that keep
+            the box inside the patch; the paper pastes "a random crop", the released code draws the position per
+            mix and ``methods/cml.md`` reads "zero-centred" as a region of zeros) or ``"centre"`` (box in the middle
+            of the patch; on ACDC 128x128 almost all heart lies inside it, so the region supervised by the other
+            subnet holds ~1% of the foreground and mutual learning degrades to self-training).
         loss_function: ``sup(logits, label)``; default :func:`cml_supervised_loss`.
         largest_component: keep the largest connected component of each pseudo-label class (the paper's "NMS").
         pseudo_label_threshold: binary tasks: foreground probability threshold (LA code: 0.5); ``None`` = arg-max.
@@ -132,7 +136,7 @@ class CMLMethod(SemiSupervisedMethod):
         lambda_discrepancy: float = 0.1,
         lambda_labeled: float = 1.0,
         mask_ratio: float = 0.5,
-        mask_position: str = "centre",
+        mask_position: str = "random",
         loss_function: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         largest_component: bool = True,
         pseudo_label_threshold: Optional[float] = None,

@@ -101,6 +101,9 @@ class DualSubnet(nn.Module):
     State-dict keys are ``subnets.0.*`` and ``subnets.1.*`` (only ``subnets.0.*`` with a shared backbone).
     """
 
+    #: both backbones (U-Net, V-Net) need input sizes divisible by 16 (see common.networks.sizes)
+    size_divisor = 16
+
     def __init__(
         self,
         spatial_dims: int = 2,

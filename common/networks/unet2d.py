@@ -72,6 +72,10 @@ class UNet2D(EncoderDecoder):
     encoder maps from the same pass.
     """
 
+    #: every input size must be a multiple of this (4 max-poolings, skips concatenated/added on the way up);
+    #: checked by :func:`common.networks.sizes.check_input_size` when a config is built
+    size_divisor = 16
+
     def __init__(
         self,
         in_channels: int = 1,

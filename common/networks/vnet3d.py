@@ -68,6 +68,10 @@ class VNet3D(EncoderDecoder):
     embedding x9 and the five encoder maps x1..x5 from the same pass.
     """
 
+    #: every input size must be a multiple of this (4 stride-2 convolutions, skips concatenated/added on the way up);
+    #: checked by :func:`common.networks.sizes.check_input_size` when a config is built
+    size_divisor = 16
+
     def __init__(
         self,
         in_channels: int = 1,

@@ -14,7 +14,9 @@ otherwise); see ``README.md`` beside this file. ``--conf`` keys understood here:
 * ``model_dir``: where the served copies live (default ``<app>/model``); training writes the new best weights
   there, never into the repository;
 * ``reset_weights``: ``true`` copies the repository weights over the served ones on start;
-* ``skip_trainers``: ``true`` serves inference only.
+* ``skip_trainers``: ``true`` serves inference only;
+* ``cors_origins``: comma-separated origin patterns whose web pages may call the server from a browser (default
+  ``http://localhost:*,http://127.0.0.1:*,http://[::1]:*``; env ``SEMISEG_CORS_ORIGINS``); see ``cors.py``.
 """
 
 from __future__ import annotations
@@ -370,6 +372,17 @@ class SemiSupervisedBundleTrainTask(BundleTrainTask):
         return overrides
 
 
+def _cors() -> types.ModuleType:
+    """``cors.py`` beside this file: MONAI Label loads ``main.py`` by path, so the folder is not a package."""
+    name = "semiseg_monailabel_cors"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "cors.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
 class SemiSegZooApp(MONAILabelApp):
     """Serves the semiseg-zoo bundles: one inference task per bundle with weights, one
@@ -377,6 +390,8 @@ class SemiSegZooApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
         check_host(sys.argv)
+        # MONAI Label echoes any Origin with credentials allowed: restrict browser access to local pages
+        _cors().apply_cors_policy(conf)
         self.bundles_dir = os.path.realpath(conf.get("bundles_dir") or default_bundles_dir())
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         reset = bool(strtobool(conf.get("reset_weights", "false")))

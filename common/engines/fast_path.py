@@ -1,0 +1,257 @@
+"""How a training step runs: memory format, ``torch.compile`` and numeric precision (issue 16).
+
+:class:`FastPath` holds the three trainer options every bundle's ``train.json`` exposes:
+
+* ``channels_last`` (default on): the backbone's and the method's weights, and the images of every batch, in
+  ``torch.channels_last`` (2D) / ``torch.channels_last_3d`` (3D) memory format, so oneDNN convolutions run without
+  layout conversions. The values are the same tensors in another layout: results equal the plain step within
+  float tolerance (``tests/test_fast_path.py``).
+* ``compile`` (default off): ``torch.compile`` of the conv/BatchNorm/activation blocks (every ``nn.Sequential``
+  holding a BatchNorm) of the network and the method's modules, so Inductor fuses the memory-bound BatchNorm,
+  LeakyReLU and dropout work around each convolution. Blocks, not the whole network, because the methods call
+  several entry points (``forward``, ``forward_features``, ``forward_branches``) in several modes (frozen BN
+  statistics, no-grad targets, input gradients); the blocks see them all. If compiling fails, the step falls back
+  to eager with one warning.
+* ``precision``: ``"float32"`` (default), ``"bf16"`` (CPU with bf16 support, or CUDA) or ``"fp16"`` (CUDA only, with
+  a gradient scaler): autocast around the method's step. Logits leave the backbone in float32 (a hook on the
+  network's ``head``) and every returned loss is cast to float32, so losses, their logs and metrics stay float32.
+
+A mistyped value is refused with a message naming the key (``FastPathError``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["FastPath", "FastPathError", "PRECISIONS", "check_precision", "cpu_supports_bf16", "memory_format_for"]
+
+logger = logging.getLogger(__name__)
+
+#: accepted ``precision`` values
+PRECISIONS = ("float32", "bf16", "fp16")
+_ALIASES = {"fp32": "float32", "float": "float32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+class FastPathError(ValueError):
+    """A fast-path option has a wrong type or value; the message names the config key."""
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX, or AVX512 emulation)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise FastPathError(f"'{key}' must be true or false, got {value!r} ({type(value).__name__})")
+
+
+def check_precision(value: Any, device: torch.device | str = "cpu", key: str = "precision") -> str:
+    """The canonical precision name for ``value`` on ``device``; raises :class:`FastPathError` naming ``key``."""
+    if not isinstance(value, str):
+        raise FastPathError(f"'{key}' must be one of {list(PRECISIONS)}, got {value!r} ({type(value).__name__})")
+    name = _ALIASES.get(value.strip().lower(), value.strip().lower())
+    if name not in PRECISIONS:
+        raise FastPathError(f"'{key}' must be one of {list(PRECISIONS)}, got {value!r}")
+    device_type = torch.device(device).type
+    if name == "fp16" and device_type != "cuda":
+        raise FastPathError(f"'{key}': fp16 mixed precision needs a CUDA device (got {device_type}); "
+                            "use 'bf16' on a CPU")
+    if name == "bf16" and device_type == "cpu" and not cpu_supports_bf16():
+        raise FastPathError(f"'{key}': this CPU has no bf16 support in oneDNN; use 'float32'")
+    return name
+
+
+def memory_format_for(tensor: torch.Tensor) -> Optional[torch.memory_format]:
+    """``channels_last`` for 4D tensors, ``channels_last_3d`` for 5D, ``None`` otherwise."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+
+
+def _compile_units(modules: Iterable[nn.Module]) -> List[nn.Module]:
+    """The ``nn.Sequential`` blocks that hold a BatchNorm directly (conv -> BN -> activation ...), outermost only."""
+    units: List[nn.Module] = []
+    seen = set()
+    for root in modules:
+        for m in root.modules():
+            if id(m) in seen:
+                continue
+            if isinstance(m, nn.Sequential) and any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children()):
+                units.append(m)
+                seen.update(id(s) for s in m.modules())
+    return units
+
+
+class _LayoutFreeDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn in the standard (contiguous) layout whatever the input's memory format.
+
+    ATen's CPU dropout draws ``bernoulli_`` into a tensor laid out like the input, so a channels-last input would get
+    a different mask from the same random state than the plain step does. Drawing it contiguous keeps the random
+    stream, the mask and therefore a seeded run identical to the plain step (bit-exact: same draws, same
+    ``x * (mask / (1 - p))``); the product keeps the input's channels-last layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.is_contiguous() or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
+        return x * mask.div_(1.0 - self.p)
+
+
+class FastPath:
+    """The trainer's memory format, compile and precision settings (see the module docstring).
+
+    Args:
+        channels_last: channels-last weights and batch images.
+        compile: ``torch.compile`` the conv blocks (falls back to eager with one warning).
+        precision: ``"float32"``, ``"bf16"`` or ``"fp16"`` (see :data:`PRECISIONS`).
+        device: where the step runs (checks that the precision is available there).
+    """
+
+    def __init__(self, channels_last: bool = True, compile: bool = False, precision: str = "float32",
+                 device: torch.device | str = "cpu") -> None:
+        self.channels_last = _check_bool("channels_last", channels_last)
+        self.compile = _check_bool("compile", compile)
+        self.device = torch.device(device)
+        self.precision = check_precision(precision, self.device)
+        self._compiled: List[nn.Module] = []
+        self._hooks: List[Any] = []
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return (f"FastPath(channels_last={self.channels_last}, compile={self.compile}, "
+                f"precision='{self.precision}', device='{self.device}')")
+
+    def describe(self) -> Dict[str, Any]:
+        """What the step runs with (for run summaries and benchmark rows)."""
+        return {"precision": self.precision, "memory_format": "channels_last" if self.channels_last else "contiguous",
+                "compile": bool(self._compiled) if self.compile else False}
+
+    # -- precision ----------------------------------------------------------------------------------------------
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.precision == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for the step (a no-op context in float32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def float32_losses(losses: Dict[str, Any]) -> Dict[str, Any]:
+        """Every floating tensor entry of a step's result in float32 (losses and logs stay float32)."""
+        return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32 else v)
+                for k, v in losses.items()}
+
+    # -- modules ------------------------------------------------------------------------------------------------
+    def prepare(self, *modules: Optional[nn.Module]) -> None:
+        """Apply the memory format, the float32-logits hooks and compile to ``modules`` (in place)."""
+        modules = tuple(m for m in modules if m is not None)
+        if self.channels_last:
+            for module in modules:
+                self._to_channels_last(module)
+        if self.autocast_dtype is not None:
+            for module in modules:
+                self._float_logits(module)
+        if self.compile:
+            self._compile(modules)
+
+    @staticmethod
+    def _to_channels_last(module: nn.Module) -> None:
+        for m in module.modules():
+            if type(m) is nn.Dropout:
+                m.__class__ = _LayoutFreeDropout  # same masks as the plain step (see the class)
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                fmt = memory_format_for(t)
+                if fmt is not None and not t.is_contiguous(memory_format=fmt):
+                    t.data = t.data.contiguous(memory_format=fmt)
+
+    def _float_logits(self, module: nn.Module) -> None:
+        """Logits leave every ``head`` of ``module`` in float32, so the losses are computed in float32."""
+        def to_float(_m: nn.Module, _inputs: Any, output: Any) -> Any:
+            return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+        for name, sub in module.named_modules():
+            if name.split(".")[-1] == "head" and not getattr(sub, "_fast_path_float_hook", False):
+                self._hooks.append(sub.register_forward_hook(to_float))
+                sub._fast_path_float_hook = True
+
+    def _compile(self, modules: Iterable[nn.Module]) -> None:
+        import torch._dynamo
+
+        # the methods run each block at a few batch sizes, modes (train/eval, frozen BN statistics) and with or
+        # without gradients: allow the variants instead of silently falling back to eager after eight
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, attr):
+                setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
+        torch._dynamo.config.suppress_errors = True  # a failing graph runs eagerly instead of stopping training
+        for unit in _compile_units(modules):
+            if getattr(unit, "_fast_path_compiled", False):
+                continue
+            try:
+                unit.compile(dynamic=None)
+            except Exception as err:  # pragma: no cover - depends on the torch build
+                self._fall_back(err)
+                return
+            unit._fast_path_compiled = True
+            self._compiled.append(unit)
+        self._install_fallback()
+
+    def _install_fallback(self) -> None:
+        """Wrap each compiled block so that an error from compiling it switches every block back to eager once."""
+        for unit in self._compiled:
+            if getattr(unit, "_fast_path_guard", False):
+                continue
+            compiled_call = unit._compiled_call_impl
+
+            def guarded(*args: Any, _call=compiled_call, _unit=unit, **kwargs: Any) -> Any:
+                if not self._compiled:
+                    return _unit._call_impl(*args, **kwargs)
+                try:
+                    return _call(*args, **kwargs)
+                except Exception as err:  # noqa: BLE001 - any compiler failure
+                    if isinstance(err, (KeyboardInterrupt, torch.cuda.OutOfMemoryError)):
+                        raise
+                    self._fall_back(err)
+                    return _unit._call_impl(*args, **kwargs)
+
+            unit._compiled_call_impl = guarded
+            unit._fast_path_guard = True
+
+    def _fall_back(self, err: BaseException) -> None:
+        for unit in self._compiled:
+            unit._compiled_call_impl = None
+        self._compiled = []
+        if not self._warned:
+            logger.warning("torch.compile failed (%s: %s); training continues eagerly", type(err).__name__,
+                           str(err).splitlines()[0][:200] if str(err) else "")
+            self._warned = True
+
+    # -- batches ------------------------------------------------------------------------------------------------
+    def batch(self, batch: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The batch with its floating image tensors in the channels-last format (labels are left alone)."""
+        if batch is None or not self.channels_last:
+            return batch
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v) and v.is_floating_point() and k != "label":
+                fmt = memory_format_for(v)
+                if fmt is not None:
+                    v = v.contiguous(memory_format=fmt)
+            out[k] = v
+        return out

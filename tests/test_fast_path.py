@@ -1,0 +1,140 @@
+"""The training fast path (issue 16): channels-last steps equal the plain eager step, bf16 keeps losses float32,
+mistyped options are refused with their key, a failing compile falls back to eager with one warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+from common.engines.fast_path import FastPath, FastPathError, _LayoutFreeDropout, cpu_supports_bf16
+from tests.helpers import BUNDLES, root_cause, workflow
+
+METHODS = ["supervised", "ssnet", "cross_ald", "gapmatch", "cml", "vfd"]
+
+#: tiny 2D settings: one iteration of 2 + 2 slices at 32x32, every pass of the method active
+TINY = {
+    "data_source": "synthetic",
+    "synthetic": {"num_labeled": 4, "num_unlabeled": 4, "num_validation": 1, "spatial_size": [32, 32]},
+    "patch_size": [32, 32],
+    "labeled_batch_size": 2,
+    "unlabeled_batch_size": 2,
+    "iterations": 1,
+    "val_interval": 10 ** 6,
+    "checkpoint_interval": 10 ** 6,
+    "num_workers": 0,
+    "resume": False,
+}
+EXTRA = {"gapmatch": {"confidence_threshold": 0.0}, "cml": {"pretrain_iterations": 0}}
+
+
+def _one_step(bundle: str, tmp_path, **options):
+    """Run one training iteration of ``bundle``; return its logged losses and the gradients before the update."""
+    wf = workflow(bundle, output_dir=str(tmp_path / "_".join(f"{k}{v}" for k, v in options.items())),
+                  **TINY, **EXTRA.get(bundle, {}), **options)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    captured = {}
+
+    def grab(engine):
+        captured["grads"] = {
+            i: (None if p.grad is None else p.grad.detach().clone().contiguous())
+            for i, p in enumerate(engine._optimized)
+        }
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, grab)
+    wf.run()
+    losses = {k: v for k, v in trainer.state.output.items()
+              if torch.is_tensor(v) and v.numel() == 1 and v.is_floating_point()}
+    return trainer, losses, captured["grads"]
+
+
+@pytest.mark.parametrize("bundle", METHODS)
+def test_channels_last_step_equals_the_plain_step(bundle, tmp_path):
+    assert bundle in BUNDLES
+    torch.manual_seed(0)
+    plain, plain_losses, plain_grads = _one_step(bundle, tmp_path, channels_last=False)
+    fast, fast_losses, fast_grads = _one_step(bundle, tmp_path, channels_last=True)
+    assert fast.fast_path.channels_last and not plain.fast_path.channels_last
+    conv = next(m for m in fast.network.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain_losses.keys() == fast_losses.keys() and "loss" in plain_losses
+    for name, value in plain_losses.items():
+        torch.testing.assert_close(fast_losses[name], value, rtol=1e-4, atol=1e-5, msg=f"{bundle} {name}")
+    assert plain_grads.keys() == fast_grads.keys()
+    # absolute tolerance relative to the largest gradient: a conv bias before BatchNorm has a gradient that is zero
+    # in exact arithmetic, i.e. pure rounding noise that no relative tolerance can match
+    scale = max(float(g.abs().max()) for g in plain_grads.values() if g is not None)
+    for i, g in plain_grads.items():
+        if g is None:
+            assert fast_grads[i] is None or float(fast_grads[i].abs().max()) == 0
+            continue
+        torch.testing.assert_close(fast_grads[i], g, rtol=1e-3, atol=1e-5 * scale, msg=f"{bundle} parameter {i}")
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 support in oneDNN")
+@pytest.mark.parametrize("bundle", METHODS)
+def test_bf16_step_runs_and_keeps_losses_float32(bundle, tmp_path):
+    trainer, losses, grads = _one_step(bundle, tmp_path, precision="bf16")
+    assert trainer.fast_path.autocast_dtype is torch.bfloat16
+    assert losses and all(v.dtype == torch.float32 for v in losses.values()), {k: v.dtype for k, v in losses.items()}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads.values())
+    # weights stay float32 (autocast computes in bf16, the optimizer updates float32 weights)
+    assert all(p.dtype == torch.float32 for p in trainer.network.parameters())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("channels_last", "false", "'channels_last' must be true or false"),
+    ("compile", 1, "'compile' must be true or false"),
+    ("precision", "bf17", "'precision' must be one of"),
+    ("precision", 16, "'precision' must be one of"),
+    ("precision", "fp16", "'precision': fp16 mixed precision needs a CUDA device"),
+])
+def test_mistyped_options_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(FastPathError, match=message.replace("(", r"\(")):
+        FastPath(**{key: value}, device="cpu")
+
+
+def test_bundle_refuses_a_mistyped_precision(tmp_path):
+    wf = workflow("supervised", output_dir=str(tmp_path), **TINY, precision="float31")
+    with pytest.raises(Exception) as err:
+        wf.parser.get_parsed_content("train#trainer")
+    assert "'precision'" in str(root_cause(err.value))
+
+
+def test_dropout_mask_does_not_depend_on_the_memory_format():
+    x = torch.randn(2, 8, 6, 6)
+    torch.manual_seed(3)
+    plain = nn.Dropout(0.3)(x)
+    layout_free = nn.Dropout(0.3)
+    layout_free.__class__ = _LayoutFreeDropout
+    torch.manual_seed(3)
+    fast = layout_free(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(plain, fast) and fast.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(caplog):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    fast = FastPath(channels_last=True, compile=True, device="cpu")
+    fast.prepare(net)  # torch.compile is lazy: nothing is compiled before the first call
+    assert fast.describe()["compile"] is True and net._fast_path_guard
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    # simulate a compiler failure inside the guarded block
+    net._fast_path_guard = False
+    net._compiled_call_impl = broken
+    fast._install_fallback()
+    x = torch.randn(2, 1, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="common.engines.fast_path"):
+        y1 = net(x)
+        y2 = net(x)
+    torch.testing.assert_close(y1, y2)
+    assert y1.shape == (2, 4, 8, 8)
+    warnings = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "inductor exploded" in warnings[0].getMessage()
+    assert fast.describe()["compile"] is False and net._compiled_call_impl is None
