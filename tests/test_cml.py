@@ -108,7 +108,7 @@ def test_train_step_supervises_each_subnet_with_its_heterogeneous_target():
     net = DualSubnet(2, 1, 4).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     seen = []
-    method = CMLMethod(num_classes=4, pretrain_iterations=0,
+    method = CMLMethod(num_classes=4, pretrain_iterations=0, mask_position="centre",  # a known box to check against
                        loss_function=lambda logits, target: (seen.append(target.clone()), logits.mean() * 0)[1])
     method.switched_at = 0  # self-training from scratch
     pseudo = [torch.randint(0, 4, (4, 1, 32, 32)) for _ in range(2)]
@@ -116,7 +116,7 @@ def test_train_step_supervises_each_subnet_with_its_heterogeneous_target():
     labeled = {"image": torch.randn(4, 1, 32, 32), "label": torch.randint(0, 4, (4, 1, 32, 32)).float()}
     out = method.train_step(_engine(net, opt, 1), labeled, {"image": torch.randn(4, 1, 32, 32)})
     assert out["stage"] == 2 and "loss_sup_u" in out
-    mask = box_mask((32, 32), 0.5)
+    mask = box_mask((32, 32), 0.5, position="centre")
     y_mix = cutmix(labeled["label"][:2], labeled["label"][2:], mask)
     assert torch.equal(seen[0], y_mix) and torch.equal(seen[1], y_mix)
     inside = ~mask.bool()

@@ -78,29 +78,11 @@ def run_single(bundle: str, args: argparse.Namespace) -> dict:
     """Time ``bundle``'s training step in this process and return its row."""
     import torch
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
-
     from common.engines.run_summary import peak_rss_mb
 
     torch.set_num_threads(args.threads)
-    root = REPO / "bundles" / bundle
-    configs = [str(root / "configs" / "train.json")]
-    if (root / "configs" / "acdc_cpu_v1.json").is_file():
-        configs.append(str(root / "configs" / "acdc_cpu_v1.json"))
     total = args.iterations + 1
-    override = {
-        "bundle_root": str(root), "output_dir": tempfile.mkdtemp(prefix=f"speed_{bundle}_"), "iterations": total,
-        "val_interval": 10 ** 9, "checkpoint_interval": 10 ** 9, "num_workers": args.num_workers, "resume": False,
-        **EXTRA_OVERRIDES.get(bundle, {}),
-    }
-    if args.data == "acdc":
-        override.update({"data_source": "acdc", "dataset_dir": args.dataset_dir})
-    else:
-        override.update({"data_source": "synthetic", "synthetic": {"num_labeled": 16, "num_unlabeled": 32,
-                                                                 "num_validation": 1, "spatial_size": [128, 128]}})
-    wf = ConfigWorkflow(config_file=configs, meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
-                        workflow_type="train", **override)
-    wf.initialize()
+    wf = _workflow(bundle, REPO, args, total, {})
     trainer = wf.parser.get_parsed_content("train#trainer")
     marks: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: marks.append(time.perf_counter()))
@@ -117,7 +99,7 @@ def run_single(bundle: str, args: argparse.Namespace) -> dict:
         "timed_iterations": f"{args.warmup + 1}..{args.iterations}",
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "pass_count": PASS_COUNTS.get(bundle),
-        "batch": f"{override.get('labeled_batch_size', 4)}+{override.get('unlabeled_batch_size', 4)} at 128x128",
+        "batch": f"{wf.parser['labeled_batch_size']}+{wf.parser['unlabeled_batch_size']} at 128x128",
         "data": args.data,
         "threads": args.threads,
         "cpu": _cpu_name(),
