@@ -199,7 +199,8 @@ def server(studies, request) -> dict:
     root = studies["root"]
     app_dir = root / "app"  # a copy: MONAI Label creates model/, logs/, lib/ and bin/ inside the app folder
     app_dir.mkdir()
-    shutil.copy(APP_DIR / "main.py", app_dir / "main.py")
+    for name in ("main.py", "cors.py"):  # the app folder's modules (main.py loads cors.py from beside it)
+        shutil.copy(APP_DIR / name, app_dir / name)
     model_dir = root / "served"
     shipped = {}
     for b in SERVED:
@@ -254,6 +255,22 @@ def test_info_lists_every_bundle_and_the_datastore(server, studies):
     assert info["datastore"]["completed"] == len(studies["labelled"])
     for b in SERVED:
         assert info["models"][b]["labels"] == {"rv": 1, "myo": 2, "lv": 3}
+
+
+def test_live_server_answers_cors_only_for_local_pages(server):
+    """A page from another site gets no CORS grant (MONAI Label 0.8.5 alone echoes any Origin with credentials);
+    a page served from this machine does."""
+    def preflight(origin: str) -> dict:
+        req = urllib.request.Request(server["url"] + "/info/", method="OPTIONS",
+                                     headers={"Origin": origin, "Access-Control-Request-Method": "GET"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return {k.lower(): v for k, v in e.headers.items()}
+
+    assert preflight("http://localhost:8080").get("access-control-allow-origin") == "http://localhost:8080"
+    assert "access-control-allow-origin" not in preflight("https://evil.example")
 
 
 @pytest.mark.slow

@@ -376,7 +376,11 @@ def _cors() -> types.ModuleType:
     """``cors.py`` beside this file: MONAI Label loads ``main.py`` by path, so the folder is not a package."""
     name = "semiseg_monailabel_cors"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "cors.py"))
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cors.py")
+        if not os.path.isfile(path):  # an app folder copied without it would otherwise serve with MONAI's allow-all
+            raise FileNotFoundError(f"{path} is missing: copy the whole tools/monailabel_app folder (main.py needs "
+                                    "cors.py beside it)")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
