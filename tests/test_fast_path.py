@@ -12,23 +12,14 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from common.engines.fast_path import FastPath, FastPathError, _LayoutFreeDropout, cpu_supports_bf16
-from tests.helpers import BUNDLES, REPO_ROOT, root_cause, workflow
+from tests.helpers import BUNDLES, REPO_ROOT, TINY_2D, root_cause, workflow
 
 METHODS = ["supervised", "ssnet", "cross_ald", "gapmatch", "cml", "vfd"]
 
 #: tiny 2D settings: one iteration of 2 + 2 slices at 32x32, every pass of the method active
-TINY = {
-    "data_source": "synthetic",
-    "synthetic": {"num_labeled": 4, "num_unlabeled": 4, "num_validation": 1, "spatial_size": [32, 32]},
-    "patch_size": [32, 32],
-    "labeled_batch_size": 2,
-    "unlabeled_batch_size": 2,
-    "iterations": 1,
-    "val_interval": 10 ** 6,
-    "checkpoint_interval": 10 ** 6,
-    "num_workers": 0,
-    "resume": False,
-}
+TINY = {**TINY_2D, "synthetic": {"num_labeled": 4, "num_unlabeled": 4, "num_validation": 1, "spatial_size": [32, 32]},
+        "patch_size": [32, 32], "iterations": 1, "val_interval": 10 ** 6, "checkpoint_interval": 10 ** 6,
+        "resume": False}
 EXTRA = {"gapmatch": {"confidence_threshold": 0.0}, "cml": {"pretrain_iterations": 0}}
 
 

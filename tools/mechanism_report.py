@@ -82,21 +82,19 @@ class _Engine(types.SimpleNamespace):
 # -- the terms of each method, each as a context that scales it -------------------------------------------------------
 @contextlib.contextmanager
 def _scaled_attr(obj: Any, name: str, factor: float) -> Iterator[None]:
+    """Multiply ``obj.name`` (a weight, a schedule or a loss module) by ``factor`` while the context is open."""
     old = getattr(obj, name)
-    if callable(old) and not isinstance(old, torch.nn.Module):
-        setattr(obj, name, lambda *a, **k: factor * old(*a, **k))
-    elif isinstance(old, torch.nn.Module):
-        setattr(obj, name, _ScaledLoss(old, factor)) if name not in obj._modules else obj._modules.__setitem__(
-            name, _ScaledLoss(old, factor))
+    if isinstance(old, torch.nn.Module):
+        new: Any = _ScaledLoss(old, factor)
+    elif callable(old):
+        new = lambda *a, **k: factor * old(*a, **k)  # noqa: E731
     else:
-        setattr(obj, name, factor * old)
+        new = factor * old
+    setattr(obj, name, new)
     try:
         yield
     finally:
-        if isinstance(old, torch.nn.Module) and name in obj._modules:
-            obj._modules[name] = old
-        else:
-            setattr(obj, name, old)
+        setattr(obj, name, old)
 
 
 class _ScaledLoss(torch.nn.Module):
