@@ -13,22 +13,35 @@ on ``x'``). The first term pulls every particle toward high-divergence (adversar
 average of all particles' scores; the second term pushes the particles apart. SVGDF computes the kernel on features
 ``Phi`` of the network's encoder ("semantic" distances); vanilla SVGD (Liu & Wang, 2016) on the raw images.
 
-:class:`SVGDFSampler` has two update rules (``mode``):
+The score ``grad_{x'} log P(x' | x) = grad_{x'} l_Dice(x', x)`` is taken per image (the normaliser Z does not depend on
+``x'``). :class:`SVGDFSampler` has two update rules (``mode``):
 
-``"vat_like"`` (default; mirrors the first author's ALD code and reduces to SS-Net's Dice-VAT when N = 1)
+``"projected"`` (default; Eq. 6 as printed)
+    ``r_n`` = uniform(-init_noise, init_noise) noise projected onto the eps-ball (Sect. 2.4: "initialized by adding
+    uniform noises, then projected onto the ball"); then ``L`` times ``r_n <- Proj(r_n + tau * step(phi_n))``, with
+    the score, the kernel and its gradient evaluated at the particles ``x + r_n``. ``step`` is the identity
+    (``step_normalization="none"``: Eq. 6 literally, tau in the units of phi) or, by default (``"l2"``),
+    ``phi_n / ||phi_n||_2`` per particle: the paper gives no tau, and the Dice score's norm changes by orders of
+    magnitude over training (1e-8 at initialisation, ~1 for a trained U-Net), so an unnormalised tau that moves
+    the particles at one time freezes or overshoots them at another. The normalisation keeps the ratio of the two
+    terms of phi, which is what decides between "adversarial" and "diverse". ``linf``: ``sign(phi_n)``.
+``"vat_like"`` (the bundle's 0.1.x default, kept for comparison)
     directions ``d_n`` = unit-L2 uniform noise; probes ``x + xi d_n``; score ``s_n = grad_{d_n} Dice``;
     ``phi_n = (1/N) (sum_j K_jn s_j + rep_n)``; ``L - 1`` further steps re-probe at ``x + xi phi_n/||phi_n||``
     (power iterations, as VAT's); finally ``r_n = eps * phi_n / ||phi_n||_2`` (L2) or ``eps * sign(phi_n)`` (Linf).
-``"projected"`` (Eq. 6 as printed)
-    ``r_n`` = uniform(-0.5, 0.5) noise projected onto the eps-ball; ``L`` times
-    ``r_n <- Proj(r_n + tau * phi_n / ||phi_n||)`` (L2) or ``Proj(r_n + tau * sign(phi_n))`` (Linf), with the
-    score and kernel evaluated at ``x + r_n``.
+    Reduces to SS-Net's Dice-VAT when N = 1; the probes sit at ``xi = 10`` from ``x`` where a trained network's
+    Dice barely moves, so the score fades over training and the particles collapse (measured, bundle docs).
 
-The repulsion is ``rep_n = -grad_{x'_n} sum_j k(Phi(x'_n), stopgrad Phi(x'_j))`` (``repulsion_jacobian="own"``:
-one backward pass, each particle moved by its own feature Jacobian, i.e. pushed away from the others in feature
-space). Eq. 6 as printed differentiates w.r.t. the *other* particle, ``sum_j grad_{x'_j} k(Phi(x'_j), Phi(x'_n))``
-(``"partner"``: N backward passes); with ``features="identity"`` the two are equal, with features they differ by
-whose Jacobian carries the kernel gradient back to the image.
+The repulsion is Eq. 6's ``rep_n = sum_j grad_{x'_j} k(Phi(x'_j), stopgrad Phi(x'_n))`` (``repulsion_jacobian=
+"partner"``, default: N backward passes, one per n, each carrying the kernel gradient back through particle j's
+own feature Jacobian) or ``-grad_{x'_n} sum_j k(Phi(x'_n), stopgrad Phi(x'_j))`` (``"own"``: one backward pass,
+each particle pushed away from the others through its own Jacobian; the 0.1.x default). With
+``features="identity"`` (vanilla SVGD) the two are equal.
+
+The bandwidth is Liu & Wang's median rule per image, ``2 sigma^2 = median_{j<n} ||Phi_j - Phi_n||^2 / log N``,
+recomputed at every step: it follows the feature distances as the network trains, so the repulsion does not vanish
+(kernel -> 0) or flatten (kernel -> 1) as the features grow or shrink. For N = 2 it fixes the off-diagonal kernel at
+0.5. A fixed ``bandwidth`` (sigma) is a setting. Measured term norms (``stats``) are logged every iteration.
 
 All passes run with BatchNorm running statistics frozen (:func:`~common.networks.batchnorm.frozen_bn_stats`),
 dropout as the network's mode sets it (active in train mode), and gradients taken w.r.t. the perturbations only
@@ -62,7 +75,8 @@ __all__ = [
 
 FeatureSpec = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
-MODES = ("vat_like", "projected")
+MODES = ("projected", "vat_like")
+STEP_NORMALIZATIONS = ("l2", "none")
 NORMS = ("l2", "linf")
 KERNELS = ("rbf", "none")
 FEATURES = ("encoder", "decoder", "identity")
@@ -145,6 +159,12 @@ def _mean_norm(v: torch.Tensor) -> torch.Tensor:
     return v.detach().flatten(2).norm(dim=2).mean()
 
 
+def _mean_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over particles ``(N, B, ...)`` of ``||a_nb|| / ||b_nb||``, detached scalar (a zero ``b`` counts as tiny)."""
+    na, nb = a.detach().flatten(2).norm(dim=2), b.detach().flatten(2).norm(dim=2)
+    return (na / nb.clamp_min(torch.finfo(nb.dtype).tiny)).mean()
+
+
 def unit_l2(v: torch.Tensor) -> torch.Tensor:
     """``v / ||v||_2`` per sample (all dims but the first); zero stays zero. Scaled by the max first: Dice gradients
     of a confident network can be ~1e-8 per pixel, where VAT's ``v / (||v|| + 1e-8)`` would shrink the step."""
@@ -167,7 +187,9 @@ class SVGDFResult:
     """``particles`` ``(N, B, *x.shape[1:])`` = ``x + perturbations``, detached; ``perturbations`` the same shape;
     ``target`` the detached ``p(x)`` ``(B, C, *spatial)``; ``kernel`` ``(B, N, N)`` and ``bandwidth`` ``(B,)`` of the
     last step (``None`` without a kernel); ``stats``: mean L2 norm per particle of the last step's driving term
-    ``(1/N) sum_j K_jn s_j`` (``"drive"``) and repulsion ``(1/N) rep_n`` (``"repulsion"``), detached."""
+    ``(1/N) sum_j K_jn s_j`` (``"drive"``) and repulsion ``(1/N) rep_n`` (``"repulsion"``), and the mean over
+    particles of ``||rep_n|| / ||drive_n||`` (``"repulsion_over_drive"``), detached (the last two only with a kernel
+    and the repulsion on)."""
 
     particles: torch.Tensor
     perturbations: torch.Tensor
@@ -186,8 +208,12 @@ class SVGDFSampler(nn.Module):
             the random initial particles.
         epsilon: radius of the ball (L2: SS-Net's VAT norms, 6 on ACDC and 10 on LA).
         step_size: tau of the ``projected`` update (default ``epsilon``: one step can cross the ball).
+        step_normalization: ``"l2"`` (default: tau times the unit direction of phi per particle) or ``"none"``
+            (``tau * phi``, Eq. 6 literally); ``projected`` only.
+        init_noise: half-width of the uniform initial noise of the ``projected`` mode, before the projection
+            (0.5: on a 128x128 slice its L2 norm, ~37, exceeds eps = 6, so the start lies on the sphere).
         norm: ``"l2"`` or ``"linf"`` ball (and matching step: normalised direction or its sign).
-        mode: ``"vat_like"`` (default) or ``"projected"`` (Eq. 6 literally).
+        mode: ``"projected"`` (default, Eq. 6 as printed) or ``"vat_like"`` (0.1.x).
         features: Phi for the kernel: ``"encoder"`` (SVGDF: the bottleneck of the network's own encoder from the
             same probe pass, i.e. the current weights frozen for the search), ``"decoder"`` (the last decoder map,
             the paper's Sect. 3.1 wording; its kernel gradient runs back through the whole network),
@@ -195,7 +221,7 @@ class SVGDFSampler(nn.Module):
         kernel: ``"rbf"`` or ``"none"`` (K = identity, no repulsion: N independent VAT restarts).
         bandwidth: RBF sigma; ``None`` = median heuristic per image (2 sigma^2 = median sq. distance / log N).
         repulsion: add the kernel-gradient term (``False``: kernel-weighted scores only, for ablations/tests).
-        repulsion_jacobian: ``"own"`` (default, one backward) or ``"partner"`` (Eq. 6's printed form).
+        repulsion_jacobian: ``"partner"`` (default, Eq. 6's printed form, N backwards) or ``"own"`` (one backward).
         xi: probe scale of the ``vat_like`` mode (SS-Net's 10).
         squared_pred, joint_channels, smooth: the Dice divergence of the score (dataset's SS-Net Dice:
             ACDC squared denominators and class mean; LA linear and joint channels, smooth 1e-8).
@@ -211,16 +237,18 @@ class SVGDFSampler(nn.Module):
         epsilon: float = 6.0,
         step_size: Optional[float] = None,
         norm: str = "l2",
-        mode: str = "vat_like",
+        mode: str = "projected",
         features: FeatureSpec = "encoder",
         kernel: str = "rbf",
         bandwidth: Optional[float] = None,
         repulsion: bool = True,
-        repulsion_jacobian: str = "own",
+        repulsion_jacobian: str = "partner",
         xi: float = 10.0,
         squared_pred: bool = True,
         joint_channels: bool = False,
         smooth: float = 1e-10,
+        step_normalization: str = "l2",
+        init_noise: float = 0.5,
     ) -> None:
         super().__init__()
         if int(num_particles) < 1:
@@ -245,6 +273,10 @@ class SVGDFSampler(nn.Module):
             raise ValueError(f"repulsion_jacobian must be one of {JACOBIANS}, got '{repulsion_jacobian}'")
         if xi <= 0:
             raise ValueError(f"xi must be > 0, got {xi}")
+        if step_normalization not in STEP_NORMALIZATIONS:
+            raise ValueError(f"step_normalization must be one of {STEP_NORMALIZATIONS}, got '{step_normalization}'")
+        if init_noise <= 0:
+            raise ValueError(f"init_noise must be > 0, got {init_noise}")
         self.num_particles = int(num_particles)
         self.steps = int(steps)
         self.epsilon = float(epsilon)
@@ -260,13 +292,16 @@ class SVGDFSampler(nn.Module):
         self.squared_pred = bool(squared_pred)
         self.joint_channels = bool(joint_channels)
         self.smooth = float(smooth)
+        self.step_normalization = step_normalization
+        self.init_noise = float(init_noise)
 
     def extra_repr(self) -> str:
         feats = self.features if isinstance(self.features, str) else getattr(self.features, "__name__", "callable")
         return (f"num_particles={self.num_particles}, steps={self.steps}, epsilon={self.epsilon}, "
                 f"step_size={self.step_size}, norm='{self.norm}', mode='{self.mode}', features='{feats}', "
                 f"kernel='{self.kernel}', bandwidth={self.bandwidth}, repulsion={self.repulsion}, "
-                f"repulsion_jacobian='{self.repulsion_jacobian}', xi={self.xi}")
+                f"repulsion_jacobian='{self.repulsion_jacobian}', xi={self.xi}, "
+                f"step_normalization='{self.step_normalization}', init_noise={self.init_noise}")
 
     # -- pieces ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -313,8 +348,8 @@ class SVGDFSampler(nn.Module):
             need_rep = feats is not None and self.repulsion
             (score,) = torch.autograd.grad(divergence * amp, delta, retain_graph=need_rep, allow_unused=True)
             score = torch.zeros_like(delta) if score is None else score.float() / amp
-            if feats is None:  # no kernel: K = I
-                return score, None, None, {"drive": _mean_norm(score)}
+            if feats is None:  # no kernel: K = I, phi_n = (1/N) s_n (Eq. 6 without the kernel terms)
+                return score / n, None, None, {"drive": _mean_norm(score / n)}
             f = feats.view(n, b, -1).transpose(0, 1)  # (B, N, D): one kernel per image
             kmat, h = rbf_kernel(f.detach(), bandwidth=self.bandwidth)
             # sum_j K[j, n] s_j for every n: the kernel-weighted average of the scores (the 1/N comes below)
@@ -322,7 +357,8 @@ class SVGDFSampler(nn.Module):
             if not need_rep:
                 return drive / n, kmat, h, {"drive": _mean_norm(drive / n)}
             rep = self._repulsion(f, h, delta, amp)
-        return (drive + rep) / n, kmat, h, {"drive": _mean_norm(drive / n), "repulsion": _mean_norm(rep / n)}
+        return (drive + rep) / n, kmat, h, {"drive": _mean_norm(drive / n), "repulsion": _mean_norm(rep / n),
+                                            "repulsion_over_drive": _mean_ratio(rep, drive)}
 
     def _repulsion(self, f: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, amp: float) -> torch.Tensor:
         """``rep[n, b]``, the kernel-gradient term of phi, ``(N, B, ...)`` like ``delta``; ``f`` ``(B, N, D)``."""
@@ -341,7 +377,10 @@ class SVGDFSampler(nn.Module):
         return torch.stack(reps)
 
     def _unit(self, phi: torch.Tensor) -> torch.Tensor:
-        """The step direction of each particle: unit L2 (``l2``) or its sign (``linf``); ``(N, B, ...)``."""
+        """The step of each particle before tau: phi itself (``step_normalization="none"``), else its unit L2
+        direction (``l2``) or its sign (``linf``); ``(N, B, ...)``."""
+        if self.step_normalization == "none":
+            return phi
         if self.norm == "linf":
             return torch.sign(phi)
         return unit_l2(phi.flatten(0, 1)).view_as(phi)
@@ -354,7 +393,7 @@ class SVGDFSampler(nn.Module):
         x = x.detach()
         target = self.target(network, x) if target is None else target.detach().float()
         n, b = self.num_particles, x.shape[0]
-        noise = torch.rand((n, *x.shape), device=x.device, dtype=torch.float32) - 0.5
+        noise = (torch.rand((n, *x.shape), device=x.device, dtype=torch.float32) - 0.5) * (2.0 * self.init_noise)
         kmat = h = None
         stats: Dict[str, torch.Tensor] = {}
         with frozen_bn_stats(network):

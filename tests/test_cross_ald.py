@@ -2,13 +2,16 @@
 tiny synthetic 2D and 3D data."""
 
 import copy
+import importlib.util
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 import torch
 from monai.losses import DiceLoss
+from torch import nn
 
 from common.losses.class_separation import ClassSeparation
 from common.losses.cross_ald import CrossALDRegularizer, random_derangement
@@ -17,7 +20,7 @@ from common.methods.cross_ald import TABLE3_ROWS, CrossALDMethod, build_regulari
 from common.methods.ssnet import SSNetMethod
 from common.networks import UNet2D, VNet3D
 from common.svgdf import SVGDFSampler, per_sample_dice_divergence, rbf_kernel
-from helpers import TINY_3D, run_training, workflow, assert_same_gradients
+from helpers import REPO_ROOT, TINY_3D, run_training, workflow, assert_same_gradients
 
 LOSS_NAMES = {"loss", "loss_seg", "loss_cross_ald", "loss_cs_labeled", "loss_cs_unlabeled", "consistency_weight"}
 SMALL = (8, 16, 16, 32, 32)  # UNet2D widths small enough for fast tests, same topology
@@ -74,25 +77,164 @@ def test_one_particle_without_repulsion_is_the_vat_step():
     r_vat = vat.perturbation(net, x, target)
     for kwargs in ({"repulsion": False}, {"kernel": "none"}, {}):
         torch.manual_seed(3)
-        res = SVGDFSampler(num_particles=1, steps=1, epsilon=6.0, xi=10.0, **kwargs)(net, x, target=target)
+        res = SVGDFSampler(num_particles=1, steps=1, epsilon=6.0, xi=10.0, mode="vat_like", **kwargs)(net, x,
+                                                                                                   target=target)
         torch.testing.assert_close(res.perturbations[0], r_vat, atol=1e-5, rtol=1e-4)
 
 
-def test_projected_single_particle_step_is_a_normalised_dice_ascent():
-    """``projected``, N = 1, L = 1: r = Proj(r0 + tau * g / ||g||), g = grad_r Dice(p(x + r0), p(x))."""
+def _uniform_start(seed, n, x, epsilon, init_noise=0.5):
+    """The sampler's random start, rebuilt by hand: ``torch.rand`` noise of half-width ``init_noise`` (drawn from the
+    global generator right after ``torch.manual_seed(seed)``, as the sampler draws it), projected per particle onto
+    the L2 ball of radius ``epsilon``; ``(N, *x.shape)`` in ``x``'s dtype."""
+    torch.manual_seed(seed)
+    noise = (torch.rand((n, *x.shape)) - 0.5) * (2 * init_noise)
+    norms = noise.flatten(2).norm(dim=2)
+    return (noise * (epsilon / norms).clamp(max=1.0).view(n, x.shape[0], *([1] * (x.dim() - 1)))).to(x.dtype)
+
+
+@pytest.mark.parametrize("n,kwargs", [(1, {}), (1, {"kernel": "none"}), (1, {"repulsion": False}),
+                                      (1, {"kernel": "none", "repulsion": False}), (3, {"kernel": "none"})])
+def test_projected_single_particle_step_is_a_normalised_dice_ascent(n, kwargs):
+    """The default mode (``projected``, ``l2`` step), L = 1, no kernel (N = 1, or ``kernel="none"``): every particle
+    takes one projected, normalised gradient-ascent (VAT) step from its uniform start,
+    r_n = Proj(r0_n + tau * g_n / ||g_n||), g_n = grad_r Dice(p(x + r0_n), p(x)), each image on its own. No
+    ``repulsion=False`` is needed: without a kernel there is nothing to repel. (N = 3 is N independent VAT restarts;
+    checked with the ``l2`` step only, where the scale of phi does not enter.)"""
     net, x = _net(mode="eval"), _images(b=2)
-    sampler = SVGDFSampler(num_particles=1, steps=1, epsilon=3.0, step_size=2.0, mode="projected", repulsion=False)
+    sampler = SVGDFSampler(num_particles=n, steps=1, epsilon=3.0, step_size=2.0, **kwargs)
+    assert (sampler.mode, sampler.step_normalization, sampler.init_noise) == ("projected", "l2", 0.5)
     torch.manual_seed(4)
     res = sampler(net, x)
-    torch.manual_seed(4)
-    noise = torch.rand((1, *x.shape)) - 0.5
-    r0 = noise[0] * (3.0 / noise[0].flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
-    r0.requires_grad_(True)
-    d = per_sample_dice_divergence(torch.softmax(net(x + r0), 1), res.target).sum()
-    (g,) = torch.autograd.grad(d, r0)
-    r = r0.detach() + 2.0 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    r = r * (3.0 / r.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
-    torch.testing.assert_close(res.perturbations[0], r, atol=1e-5, rtol=1e-4)
+    assert res.kernel is None and res.bandwidth is None and set(res.stats) == {"drive"}
+    r0 = _uniform_start(4, n, x, 3.0)
+    with torch.no_grad():
+        q = torch.softmax(net(x), 1)
+    for k in range(n):
+        for i in range(x.shape[0]):  # one image at a time: the score of an image depends on that image only
+            r = r0[k, i : i + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(per_sample_dice_divergence(torch.softmax(net(x[i : i + 1] + r), 1),
+                                                                  q[i : i + 1]).sum(), r)
+            assert float(g.norm()) > 0
+            step = r.detach() + 2.0 * g / g.norm()
+            expected = step * min(1.0, 3.0 / float(step.norm()))
+            torch.testing.assert_close(res.perturbations[k, i : i + 1], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(res.particles, x.unsqueeze(0) + res.perturbations)
+
+
+def _tiny_double_net():
+    """Conv-tanh-conv in float64, eval mode (no dropout, no BN): deterministic. The weights are scaled up so that
+    the network is confident enough for its Dice score to be of the size of the repulsion (measured: mean
+    ||drive|| ~ 0.31, ||repulsion|| ~ 0.58), so the comparison below checks both terms of phi."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)
+        net[2].weight.mul_(10.0)
+    return net
+
+
+def _tiny_features():
+    """A fixed random strided conv + tanh, flattened: Phi (M, 1, H, W) -> (M, 2 * H/2 * W/2). Non-linear, so that
+    the partner's and the own Jacobian give different repulsions (for a linear Phi they coincide)."""
+    w = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return lambda v: torch.tanh(torch.nn.functional.conv2d(v, w.to(v.dtype), stride=2)).flatten(1)
+
+
+def _soft_dice_by_hand(p, q, smooth=1e-10):
+    """Per-image soft Dice loss, squared denominators, mean over the classes: ``(B, C, ...)`` x2 -> ``(B,)``."""
+    inter = (p * q).flatten(2).sum(2)
+    den = p.pow(2).flatten(2).sum(2) + q.pow(2).flatten(2).sum(2)
+    return (1 - (2 * inter + smooth) / (den + smooth)).mean(1)
+
+
+def _eq6_step_by_hand(net, phi, x, r0, tau, epsilon, step_normalization, sigma):
+    """One projected Stein step of Eq. 6, image by image and particle by particle, sharing no code with the sampler.
+
+    s_j = grad_{r_j} Dice(p(x + r_j), p(x)) (one autograd call per particle on a fresh leaf); K[j, n] =
+    exp(-||Phi(x + r_j) - Phi(x + r_n)||^2 / h), h = 2 sigma^2 or median_{j<n} ||.||^2 / log N;
+    rep_n = sum_j grad_{r_j} k(Phi(x + r_j), stopgrad Phi(x + r_n)) (one autograd call per (j, n));
+    phi_n = (sum_j K[j, n] s_j + rep_n) / N; r_n = Proj(r0_n + tau * step(phi_n)).
+
+    Returns the new perturbations, K (B, N, N), h (B,), the mean norms of the two terms of phi, the mean of
+    ||rep_n|| / ||drive_n|| and how many particles the projection shortened (of N * B)."""
+    n, b = r0.shape[:2]
+    with torch.no_grad():
+        q = torch.softmax(net(x), 1)
+    out = torch.empty_like(r0)
+    kernels, bandwidths, drive_norms, rep_norms, ratios, projected = [], [], [], [], [], 0
+    for i in range(b):
+        xi, qi = x[i : i + 1], q[i : i + 1]
+        scores = []
+        for j in range(n):
+            rj = r0[j, i : i + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(_soft_dice_by_hand(torch.softmax(net(xi + rj), 1), qi).sum(), rj)
+            scores.append(g)
+        with torch.no_grad():
+            feats = [phi(xi + r0[j, i : i + 1])[0] for j in range(n)]
+        sq = [[float((feats[j] - feats[m]).pow(2).sum()) for m in range(n)] for j in range(n)]
+        if sigma is None:
+            h = statistics.median(sq[j][m] for j in range(n) for m in range(j + 1, n)) / math.log(n)
+        else:
+            h = 2.0 * sigma ** 2
+        kmat = [[math.exp(-sq[j][m] / h) for m in range(n)] for j in range(n)]
+        kernels.append(kmat)
+        bandwidths.append(h)
+        for m in range(n):
+            drive = sum(kmat[j][m] * scores[j] for j in range(n))
+            rep = torch.zeros_like(drive)
+            partner = feats[m].detach()
+            for j in range(n):
+                rj = r0[j, i : i + 1].clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(torch.exp(-(phi(xi + rj)[0] - partner).pow(2).sum() / h), rj)
+                rep = rep + g
+            direction = (drive + rep) / n
+            drive_norms.append(float(drive.norm()) / n)
+            rep_norms.append(float(rep.norm()) / n)
+            ratios.append(float(rep.norm() / drive.norm()))
+            if step_normalization == "l2":
+                direction = direction / direction.norm()
+            r = r0[m, i : i + 1] + tau * direction
+            if float(r.norm()) > epsilon:
+                projected += 1
+                r = r * (epsilon / r.norm())
+            out[m, i] = r[0]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return (out, torch.tensor(kernels, dtype=x.dtype), torch.tensor(bandwidths, dtype=x.dtype),
+            {"drive": mean(drive_norms), "repulsion": mean(rep_norms), "repulsion_over_drive": mean(ratios)},
+            projected)
+
+
+@pytest.mark.parametrize("bandwidth", [None, 0.8], ids=["median", "sigma"])
+@pytest.mark.parametrize("step_normalization,tau", [("none", 0.5), ("l2", 0.5)])
+def test_one_stein_step_equals_eq6_by_hand(step_normalization, tau, bandwidth):
+    """The default sampler (``projected``, ``partner`` repulsion), N = 3, L = 1, a callable feature extractor, a
+    float64 network: one step equals Eq. 6 computed by hand (:func:`_eq6_step_by_hand`), with the literal step
+    ``tau * phi`` and the unit-L2 one, the median bandwidth and a fixed sigma. The start (init_noise 0.2: L2 norms
+    0.87-0.98 on 8x8) lies inside the ball of radius 1.2; the step takes 2-4 of the 6 particles out of it (norms
+    1.21-1.25 before the projection) and leaves the others in (1.12-1.20), so both branches of the projection are
+    exercised. Measured ||rep|| / ||drive||: 2.9-4.0. The sampler computes its Dice, kernel and phi in float32
+    (``.float()``), hence float32 tolerances."""
+    net, phi = _tiny_double_net(), _tiny_features()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps, init = 1.2, 0.2
+    kwargs = dict(num_particles=3, steps=1, epsilon=eps, step_size=tau, features=phi, bandwidth=bandwidth,
+                  step_normalization=step_normalization, init_noise=init)
+    torch.manual_seed(3)
+    res = SVGDFSampler(**kwargs)(net, x)
+    r0 = _uniform_start(3, 3, x, eps, init)
+    expected, kmat, h, stats, projected = _eq6_step_by_hand(net, phi, x, r0, tau, eps, step_normalization, bandwidth)
+    assert 0 < projected < 6, projected  # some particles were projected back onto the sphere, some not
+    assert 0.2 < stats["repulsion_over_drive"] < 5, stats  # both terms of phi matter
+    assert float((expected - r0).abs().max()) > 0.1  # the step moves the particles
+    torch.testing.assert_close(res.perturbations, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.kernel.double(), kmat, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.bandwidth.double(), h, atol=1e-6, rtol=1e-5)
+    for key, value in stats.items():
+        assert float(res.stats[key]) == pytest.approx(value, rel=1e-4), key
+    # the check tells the two Jacobians apart: the "own" form (0.1.x) is far from Eq. 6's printed one here
+    torch.manual_seed(3)
+    own = SVGDFSampler(repulsion_jacobian="own", **kwargs)(net, x).perturbations
+    assert float((own - expected).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("mode", ["vat_like", "projected"])
@@ -106,6 +248,81 @@ def test_repulsion_makes_particles_more_diverse(mode):
         res = SVGDFSampler(num_particles=4, epsilon=6.0, mode=mode, repulsion=repulsion)(net, x)
         dist[repulsion] = _mean_pairwise_distance(res.perturbations)
     assert dist[True] > 1.1 * dist[False], dist
+
+
+def _blobs(b, seed, size=32):
+    """Synthetic ACDC-like images: nested discs of classes 1..3 at random centres, intensity = class / 3 + noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, labels = [], []
+    for _ in range(b):
+        c = (torch.rand(2, generator=g) * 0.4 + 0.3) * size
+        d = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2).sqrt()
+        label = torch.zeros(size, size, dtype=torch.long)
+        label[d < 0.35 * size], label[d < 0.22 * size], label[d < 0.1 * size] = 1, 2, 3
+        images.append(label.float() / 3 + 0.1 * torch.randn(size, size, generator=g))
+        labels.append(label)
+    return torch.stack(images)[:, None], torch.stack(labels)[:, None]
+
+
+def _trained_unet(steps=20):
+    """The bundle's UNet2D(1, 4), seeded, after ``steps`` SGD steps on two blob images (Dice loss on the held-out
+    blobs: 0.79 untrained, 0.17 after 20 steps), eval mode. Untrained, its Dice score is ~1e-8 and the particles are
+    no more adversarial than chance (measured: 0.93x random), so the test needs a network that segments."""
+    torch.manual_seed(0)
+    net = UNet2D(1, 4).train()
+    x, y = _blobs(2, seed=1)
+    loss_fn = DiceLoss(softmax=True, to_onehot_y=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = net(x)
+        (loss_fn(logits, y) + torch.nn.functional.cross_entropy(logits, y[:, 0])).backward()
+        opt.step()
+    return net.eval()
+
+
+def test_default_particles_are_diverse_and_adversarial():
+    """The default sampler (projected, partner repulsion, encoder features, median bandwidth, l2 step), N = 4,
+    L = 2, eps = 3, on a fixed trained U-Net and two held-out 32x32 images:
+
+    - the repulsion makes the particles more diverse: mean pairwise SSE of the perturbations 20.7 with it, 9.6
+      without (``repulsion=False``, same seed and start): ratio 2.16, asserted > 1.5;
+    - every particle (with the repulsion) is more adversarial than chance: its per-image Dice divergence exceeds
+      the mean divergence of 8 uniform-noise directions with that particle's L2 norm by 13.5x at least (asserted
+      > 3x), and the largest of the 8 by 7.2x at least (asserted > 1x).
+
+    Measured on CPU, 1 thread (2 threads: 2.21, 13.2x, 8.6x): the particles' divergence >= 0.12, the random
+    directions' mean <= 0.010, all particles on the sphere ||r|| = 3, repulsion / drive 5.2."""
+    net, (x, _) = _trained_unet(), _blobs(2, seed=2)
+    n = 4
+    sse, results = {}, {}
+    for repulsion in (True, False):
+        torch.manual_seed(7)
+        res = SVGDFSampler(num_particles=n, steps=2, epsilon=3.0, repulsion=repulsion)(net, x)
+        f = res.perturbations.flatten(2).double()
+        sse[repulsion] = torch.stack([(f[i] - f[j]).pow(2).sum(1) for i in range(n) for j in range(i + 1, n)]).mean()
+        results[repulsion] = res
+    assert float(sse[True]) > 1.5 * float(sse[False]), sse
+    res = results[True]
+    r, target = res.perturbations, res.target.repeat(n, 1, 1, 1)
+    norms = r.flatten(2).norm(dim=2)  # (N, B)
+    assert float(norms.max()) <= 3.0 * (1 + 1e-5) and float(norms.min()) > 1.0
+
+    def divergence(perturbations):
+        with torch.no_grad():
+            probs = torch.softmax(net((x.unsqueeze(0) + perturbations).flatten(0, 1)), 1)
+        return per_sample_dice_divergence(probs, target).view(n, -1)
+
+    particle = divergence(r)
+    g = torch.Generator().manual_seed(11)
+    random = []
+    for _ in range(8):
+        u = torch.rand(r.shape, generator=g) - 0.5
+        random.append(divergence(u * (norms / u.flatten(2).norm(dim=2)).view(n, -1, 1, 1, 1)))
+    random = torch.stack(random)  # (8, N, B)
+    assert bool((particle > 3 * random.mean(0)).all()), (particle, random.mean(0))
+    assert bool((particle > random.amax(0)).all()), (particle, random.amax(0))
 
 
 def test_identity_kernel_repulsion_is_the_same_for_both_jacobians():
@@ -159,9 +376,13 @@ def test_custom_feature_extractor_and_3d():
 
 def test_bad_sampler_arguments_are_named():
     for kwargs, word in [({"num_particles": 0}, "num_particles"), ({"mode": "sgld"}, "mode"),
-                         ({"norm": "l1"}, "norm"), ({"kernel": "imq"}, "kernel"), ({"features": "bottleneck"}, "features"),
-                         ({"epsilon": -1}, "epsilon"), ({"steps": 0}, "steps"), ({"bandwidth": 0.0}, "bandwidth"),
-                         ({"repulsion_jacobian": "x"}, "repulsion_jacobian")]:
+                         ({"norm": "l1"}, "norm"), ({"kernel": "imq"}, "kernel"),
+                         ({"features": "bottleneck"}, "features"),
+                         ({"epsilon": -1}, "epsilon"), ({"mode": "vat_like", "steps": 0}, "steps"),
+                         ({"steps": -1}, "steps"), ({"bandwidth": 0.0}, "bandwidth"),
+                         ({"repulsion_jacobian": "x"}, "repulsion_jacobian"), ({"step_size": 0.0}, "step_size"),
+                         ({"step_normalization": "linf"}, "step_normalization"), ({"init_noise": 0.0}, "init_noise"),
+                         ({"xi": 0.0}, "xi")]:
         with pytest.raises(ValueError, match=word):
             SVGDFSampler(**kwargs)
     with pytest.raises(ValueError, match="spatial"):
@@ -333,7 +554,8 @@ def test_overlays_and_ablation_options():
     assert isinstance(reg, CrossALDRegularizer) and reg.mix and reg.alpha == 0.5 and reg.pairing == "matched"
     s = reg.sampler
     assert (s.num_particles, s.steps, s.epsilon, s.norm, s.mode, s.features, s.bandwidth) == (
-        2, 1, 6.0, "l2", "vat_like", "encoder", None)
+        2, 1, 6.0, "l2", "projected", "encoder", None)
+    assert (s.repulsion_jacobian, s.step_normalization, s.init_noise, s.step_size) == ("partner", "l2", 0.5, 6.0)
     assert method.class_separation is not None and method.cs_weight == 0.1 and method.unlabeled_only
     assert not workflow("cross_ald", ["train.json"], output_dir="/tmp/unused", unlabeled_only=False).parser.\
         get_parsed_content("method").unlabeled_only
@@ -369,3 +591,49 @@ def test_bundle_3d_la_iteration(tmp_path):
     wf = run_training("cross_ald", tmp_path, configs=("train.json", "la.json"), tiny=TINY_3D, data_source="synthetic",
                       iterations=1, val_interval=1, unlabeled_batch_size=2)
     _check_iteration(wf, tmp_path, 3)
+
+
+# -- tools/particle_diversity.py -------------------------------------------------------------------------------
+SHIPPED_WEIGHTS = REPO_ROOT / "bundles" / "cross_ald" / "models" / "model.pt"
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"semiseg_tool_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_particle_diversity_tool_on_acdc(acdc_dir, capsys):
+    """The Sect. 3.1 study on one real ACDC slice with the shipped weights: one JSON row per sampler, in the order
+    vat, svgd, svgdf, with finite numbers; the kernel-free ``vat`` row has no repulsion, the other two have one."""
+    if not SHIPPED_WEIGHTS.is_file():
+        pytest.skip(f"shipped Cross-ALD weights not found at {SHIPPED_WEIGHTS}")
+    tool = _load_tool("particle_diversity")
+    code = tool.main(["--json", "--particles", "2", "--images", "1", "--random_directions", "2",
+                      "--dataset_dir", str(acdc_dir), "--weights", str(SHIPPED_WEIGHTS)])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 3, lines
+    rows = [json.loads(line) for line in lines]
+    assert [row["sampler"] for row in rows] == ["vat", "svgd", "svgdf"]
+    for row in rows:
+        assert {"sampler", "n_particles", "sse", "adversarial_gain", "repulsion_over_drive"} <= set(row), row
+        assert row["n_particles"] == 2 and row["images"] == 1
+        for key in ("sse", "adversarial_gain", "repulsion_over_drive", "drive_norm", "divergence",
+                    "random_divergence", "mean_particle_norm"):
+            assert math.isfinite(row[key]), (row["sampler"], key, row[key])
+        assert row["sse"] > 0 and row["adversarial_gain"] > 0 and row["drive_norm"] > 0, row
+        assert 0 < row["mean_particle_norm"] <= 6.0 * (1 + 1e-4), row  # inside the eps = 6 ball
+    assert rows[0]["repulsion_over_drive"] == 0 and rows[0]["repulsion_norm"] == 0
+    assert rows[1]["repulsion_over_drive"] > 0 and rows[2]["repulsion_over_drive"] > 0
+
+
+def test_particle_diversity_tool_names_a_missing_weights_file(tmp_path, capsys):
+    tool = _load_tool("particle_diversity")
+    missing = tmp_path / "no_such_model.pt"
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--json", "--weights", str(missing), "--dataset_dir", str(tmp_path)])
+    assert exc.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage first, then "prog: error: ..."
+    assert "error" in error and "--weights" in error and str(missing) in error, error

@@ -38,10 +38,10 @@ def build_regularizer(
     epsilon: float = 6.0,
     step_size: Optional[float] = None,
     norm: str = "l2",
-    mode: str = "vat_like",
+    mode: str = "projected",
     bandwidth: Optional[float] = None,
     features: str = "encoder",
-    repulsion_jacobian: str = "own",
+    repulsion_jacobian: str = "partner",
     xi: float = 10.0,
     alpha: float = 0.5,
     pairing: str = "matched",
@@ -49,6 +49,8 @@ def build_regularizer(
     squared_pred: bool = True,
     joint_channels: bool = False,
     smooth: float = 1e-10,
+    step_normalization: str = "l2",
+    init_noise: float = 0.5,
 ) -> nn.Module:
     """The regulariser ``(network, x) -> scalar`` (with ``compute(network, x).loss``) of one ablation row.
 
@@ -75,7 +77,8 @@ def build_regularizer(
     if kind == "random_mixup":
         return CrossALDRegularizer(None, mix=True, alpha=alpha, pairing="matched", target="mixed_targets", **dice)
     sampler_args = {"steps": steps, "epsilon": epsilon, "step_size": step_size, "norm": norm, "mode": mode,
-                    "bandwidth": bandwidth, "repulsion_jacobian": repulsion_jacobian, "xi": xi, **dice}
+                    "bandwidth": bandwidth, "repulsion_jacobian": repulsion_jacobian, "xi": xi,
+                    "step_normalization": step_normalization, "init_noise": init_noise, **dice}
     if kind == "vat_mixup":
         sampler = SVGDFSampler(num_particles=1, kernel="none", **sampler_args)
     else:
@@ -158,5 +161,6 @@ class CrossALDMethod(SSNetMethod):
             extra["mix_gamma"] = gamma.detach().float().cpu()
         # sizes of the two terms of the Stein direction: whether the score or the repulsion steers the particles
         for name, value in (getattr(result, "stats", None) or {}).items():
-            extra[f"particle_{name}_norm"] = value.float().cpu()
+            key = f"particle_{name}" if name == "repulsion_over_drive" else f"particle_{name}_norm"
+            extra[key] = value.float().cpu()
         return result.loss, extra
