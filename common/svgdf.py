@@ -25,7 +25,7 @@ The score ``grad_{x'} log P(x' | x) = grad_{x'} l_Dice(x', x)`` is taken per ima
     magnitude over training (1e-8 at initialisation, ~1 for a trained U-Net), so an unnormalised tau that moves
     the particles at one time freezes or overshoots them at another. The normalisation keeps the ratio of the two
     terms of phi, which is what decides between "adversarial" and "diverse". ``linf``: ``sign(phi_n)``.
-``"vat_like"`` (the bundle's 0.1.x default, kept for comparison)
+``"vat_like"`` (the bundle's 0.1/0.2 default, kept for comparison)
     directions ``d_n`` = unit-L2 uniform noise; probes ``x + xi d_n``; score ``s_n = grad_{d_n} Dice``;
     ``phi_n = (1/N) (sum_j K_jn s_j + rep_n)``; ``L - 1`` further steps re-probe at ``x + xi phi_n/||phi_n||``
     (power iterations, as VAT's); finally ``r_n = eps * phi_n / ||phi_n||_2`` (L2) or ``eps * sign(phi_n)`` (Linf).
@@ -35,7 +35,7 @@ The score ``grad_{x'} log P(x' | x) = grad_{x'} l_Dice(x', x)`` is taken per ima
 The repulsion is Eq. 6's ``rep_n = sum_j grad_{x'_j} k(Phi(x'_j), stopgrad Phi(x'_n))`` (``repulsion_jacobian=
 "partner"``, default: N backward passes, one per n, each carrying the kernel gradient back through particle j's
 own feature Jacobian) or ``-grad_{x'_n} sum_j k(Phi(x'_n), stopgrad Phi(x'_j))`` (``"own"``: one backward pass,
-each particle pushed away from the others through its own Jacobian; the 0.1.x default). With
+each particle pushed away from the others through its own Jacobian; the 0.1/0.2 default). With
 ``features="identity"`` (vanilla SVGD) the two are equal.
 
 The bandwidth is Liu & Wang's median rule per image, ``2 sigma^2 = median_{j<n} ||Phi_j - Phi_n||^2 / log N``,
@@ -213,7 +213,7 @@ class SVGDFSampler(nn.Module):
         init_noise: half-width of the uniform initial noise of the ``projected`` mode, before the projection
             (0.5: on a 128x128 slice its L2 norm, ~37, exceeds eps = 6, so the start lies on the sphere).
         norm: ``"l2"`` or ``"linf"`` ball (and matching step: normalised direction or its sign).
-        mode: ``"projected"`` (default, Eq. 6 as printed) or ``"vat_like"`` (0.1.x).
+        mode: ``"projected"`` (default, Eq. 6 as printed) or ``"vat_like"`` (0.1/0.2).
         features: Phi for the kernel: ``"encoder"`` (SVGDF: the bottleneck of the network's own encoder from the
             same probe pass, i.e. the current weights frozen for the search), ``"decoder"`` (the last decoder map,
             the paper's Sect. 3.1 wording; its kernel gradient runs back through the whole network),
@@ -257,9 +257,9 @@ class SVGDFSampler(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
         if int(steps) < (0 if mode == "projected" else 1):
             raise ValueError(f"steps must be >= 1 ('vat_like') or >= 0 ('projected'), got {steps}")
-        if epsilon < 0:
+        if not epsilon >= 0:  # `not >=` also refuses NaN
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        if step_size is not None and step_size <= 0:
+        if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size (tau) must be > 0, got {step_size}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got '{norm}'")
@@ -267,16 +267,26 @@ class SVGDFSampler(nn.Module):
             raise ValueError(f"features must be one of {FEATURES} or a callable, got '{features}'")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got '{kernel}'")
-        if bandwidth is not None and bandwidth <= 0:
+        if bandwidth is not None and not bandwidth > 0:
             raise ValueError(f"bandwidth (sigma) must be > 0 or None, got {bandwidth}")
         if repulsion_jacobian not in JACOBIANS:
             raise ValueError(f"repulsion_jacobian must be one of {JACOBIANS}, got '{repulsion_jacobian}'")
-        if xi <= 0:
+        if not xi > 0:
             raise ValueError(f"xi must be > 0, got {xi}")
         if step_normalization not in STEP_NORMALIZATIONS:
             raise ValueError(f"step_normalization must be one of {STEP_NORMALIZATIONS}, got '{step_normalization}'")
-        if init_noise <= 0:
+        if not init_noise > 0:
             raise ValueError(f"init_noise must be > 0, got {init_noise}")
+        # a setting of the other mode would be silently ignored: refuse it (defaults pass)
+        if mode == "vat_like":
+            ignored = {"step_size": step_size is not None, "step_normalization": step_normalization != "l2",
+                       "init_noise": init_noise != 0.5}
+        else:
+            ignored = {"xi": xi != 10.0}
+        if any(ignored.values()):
+            names = ", ".join(k for k, v in ignored.items() if v)
+            raise ValueError(f"{names} has no effect with mode='{mode}' (step_size, step_normalization and init_noise "
+                             f"belong to 'projected', xi to 'vat_like'); remove it or change the mode")
         self.num_particles = int(num_particles)
         self.steps = int(steps)
         self.epsilon = float(epsilon)

@@ -637,3 +637,49 @@ def test_particle_diversity_tool_names_a_missing_weights_file(tmp_path, capsys):
     assert exc.value.code != 0
     error = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage first, then "prog: error: ..."
     assert "error" in error and "--weights" in error and str(missing) in error, error
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"mode": "vat_like", "step_normalization": "none"}, "step_normalization"),
+    ({"mode": "vat_like", "init_noise": 2.0}, "init_noise"),
+    ({"mode": "vat_like", "step_size": 1.0}, "step_size"),
+    ({"mode": "projected", "xi": 5.0}, "xi"),
+    ({"init_noise": float("nan")}, "init_noise"),
+    ({"epsilon": float("nan")}, "epsilon"),
+    ({"bandwidth": float("nan")}, "bandwidth"),
+])
+def test_settings_the_mode_would_ignore_or_nan_are_refused(kwargs, word):
+    """A setting of the other particle mode (it would be silently ignored) or a NaN is refused, naming it."""
+    with pytest.raises(ValueError, match=word):
+        SVGDFSampler(**kwargs)
+
+
+def _acdc_list_dir(tmp_path, names):
+    (tmp_path / "train_slices.list").write_text("".join(f"case_{i}\n" for i in range(names)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,word", [(["--epsilon", "nan"], "--epsilon"), (["--step_size", "-1"], "--step_size"),
+                                       (["--images", "3"], "--dataset_dir")])
+def test_particle_diversity_tool_refuses_bad_values_by_name(tmp_path, capsys, args, word):
+    """NaN radius, negative step, a dataset list too short for the requested slices (137 names = 1 unlabelled slice
+    after the 136 labelled ones, 3 asked): argparse errors naming the option, before any image is read."""
+    tool = _load_tool("particle_diversity")
+    weights = REPO_ROOT / "bundles" / "cross_ald" / "models" / "model.pt"
+    data = _acdc_list_dir(tmp_path, 137)  # 1 unlabelled slice after the 136 labelled ones
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--json", "--weights", str(weights), "--dataset_dir", str(data), *args])
+    assert exc.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error" in error and word in error, error
+
+
+def test_particle_diversity_tool_names_weights_that_are_not_a_unet(tmp_path, capsys):
+    tool = _load_tool("particle_diversity")
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"network": {}, "optimizer": {}}, bad)
+    data = _acdc_list_dir(tmp_path, 140)
+    with pytest.raises(SystemExit):
+        tool.main(["--json", "--weights", str(bad), "--dataset_dir", str(data), "--images", "1"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--weights" in error and "not a state_dict" in error, error

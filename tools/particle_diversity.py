@@ -152,16 +152,27 @@ def main(argv=None) -> int:
     for key in ("images", "random_directions"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
-    if min(args.particles) < 1 or args.steps < 0 or args.epsilon <= 0:
+    if min(args.particles) < 1 or args.steps < 0 or not args.epsilon > 0:  # `not >` also refuses NaN
         parser.error(f"--particles must be >= 1, --steps >= 0 and --epsilon > 0 "
                      f"(got {args.particles}, {args.steps}, {args.epsilon})")
+    if args.step_size is not None and not args.step_size > 0:
+        parser.error(f"--step_size must be > 0, got {args.step_size}")
+    with open(Path(args.dataset_dir) / "train_slices.list") as f:
+        available = sum(1 for line in f if line.strip()) - 136
+    if available < args.images:
+        parser.error(f"--dataset_dir: {args.dataset_dir}/train_slices.list has {max(available, 0)} unlabelled slices "
+                     f"after the 136 labelled ones (7 patients); --images asks for {args.images}")
     try:
         args.weights_label = str(Path(args.weights).resolve().relative_to(REPO))
     except ValueError:
         args.weights_label = str(args.weights)
 
     net = UNet2D(1, 4)
-    net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    try:
+        net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    except Exception as err:  # a training checkpoint.pt, another network, not a torch file
+        parser.error(f"--weights: {args.weights} is not a state_dict of the 2D U-Net (UNet2D(1, 4); pass a "
+                     f"models/model.pt, not a run's checkpoint.pt): {type(err).__name__}: {str(err).splitlines()[0]}")
     net.train(args.network_mode == "train")
     x = load_slices(args.dataset_dir, args.images)
     rows = []
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
             if args.json:
                 print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"weights {args.weights_label}, {args.images} images, eps {args.epsilon}, tau "
+        print(f"weights {args.weights_label}, {args.images} image(s), eps {args.epsilon}, tau "
               f"{rows[0]['step_size']}, L {args.steps}, network {args.network_mode}")
         print(markdown(rows))
     return 0
