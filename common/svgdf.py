@@ -77,6 +77,8 @@ FeatureSpec = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
 MODES = ("projected", "vat_like")
 STEP_NORMALIZATIONS = ("l2", "none")
+DEFAULT_XI = 10.0  # SS-Net's VAT probe scale
+DEFAULT_INIT_NOISE = 0.5
 NORMS = ("l2", "linf")
 KERNELS = ("rbf", "none")
 FEATURES = ("encoder", "decoder", "identity")
@@ -243,12 +245,12 @@ class SVGDFSampler(nn.Module):
         bandwidth: Optional[float] = None,
         repulsion: bool = True,
         repulsion_jacobian: str = "partner",
-        xi: float = 10.0,
+        xi: float = DEFAULT_XI,
         squared_pred: bool = True,
         joint_channels: bool = False,
         smooth: float = 1e-10,
         step_normalization: str = "l2",
-        init_noise: float = 0.5,
+        init_noise: float = DEFAULT_INIT_NOISE,
     ) -> None:
         super().__init__()
         if int(num_particles) < 1:
@@ -280,9 +282,9 @@ class SVGDFSampler(nn.Module):
         # a setting of the other mode would be silently ignored: refuse it (defaults pass)
         if mode == "vat_like":
             ignored = {"step_size": step_size is not None, "step_normalization": step_normalization != "l2",
-                       "init_noise": init_noise != 0.5}
+                       "init_noise": init_noise != DEFAULT_INIT_NOISE}
         else:
-            ignored = {"xi": xi != 10.0}
+            ignored = {"xi": xi != DEFAULT_XI}
         if any(ignored.values()):
             names = ", ".join(k for k, v in ignored.items() if v)
             raise ValueError(f"{names} has no effect with mode='{mode}' (step_size, step_normalization and init_noise "
