@@ -154,15 +154,17 @@ def _expected(default: Any) -> str:
     return "text"
 
 
-def _refuse(option: str, default: Any, value: Any) -> OverrideError:
+def _refuse(option: str, default: Any, value: Any, label: str | None = None) -> OverrideError:
     try:
         shown = json.dumps(default)
     except (TypeError, ValueError):
         shown = repr(default)
+    if label is not None:  # the default is a reference: name it, its value may differ in this run
+        shown = f"{label}, {shown} in the config files"
     return OverrideError(f"--{option}: expected {_expected(default)} (its default is {shown}), got {value!r}")
 
 
-def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
+def coerce_override(option: str, value: Any, default: Any = _UNKNOWN, default_label: str | None = None) -> Any:
     """``value`` given for ``--option`` (the text as typed, or an already parsed value) converted to the type of
     ``default``, the config value it replaces.
 
@@ -172,6 +174,8 @@ def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
     marks an optional number: ``null``/``None`` or a number. Values starting with ``$``, ``@`` or ``%`` are
     config expressions/references and pass unchanged. With no known default, JSON spellings are read (``true``,
     ``null``, numbers, lists) and anything else stays text.
+
+    ``default_label`` names the default in the message when it was reached through a reference (``"@iterations"``).
 
     Raises:
         OverrideError: the value does not fit; the message names the option, the expected type and the value.
@@ -188,7 +192,7 @@ def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
             return bool(value)
         if text is not None and text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
-        raise _refuse(option, default, value)
+        raise _refuse(option, default, value, default_label)
     if isinstance(default, int):
         number = value
         if text is not None:
@@ -198,41 +202,41 @@ def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
                 try:
                     number = float(text)
                 except ValueError:
-                    raise _refuse(option, default, value) from None
+                    raise _refuse(option, default, value, default_label) from None
         if isinstance(number, bool):
-            raise _refuse(option, default, value)
+            raise _refuse(option, default, value, default_label)
         if isinstance(number, int):
             return number
         if isinstance(number, float) and math.isfinite(number) and number.is_integer():
             return int(number)
-        raise _refuse(option, default, value)
+        raise _refuse(option, default, value, default_label)
     if isinstance(default, float):
         number = value
         if text is not None:
             try:
                 number = float(text)
             except ValueError:
-                raise _refuse(option, default, value) from None
+                raise _refuse(option, default, value, default_label) from None
         if isinstance(number, (int, float)) and not isinstance(number, bool):
             return float(number)
-        raise _refuse(option, default, value)
+        raise _refuse(option, default, value, default_label)
     if isinstance(default, str):
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise _refuse(option, default, value)
+        raise _refuse(option, default, value, default_label)
     if default is None:
         parsed = _parse_literal(value) if isinstance(value, str) else value
         if parsed is None or (isinstance(parsed, (int, float)) and not isinstance(parsed, bool)):
             return parsed
-        raise _refuse(option, default, value)
+        raise _refuse(option, default, value, default_label)
     if isinstance(default, (list, tuple)):
         parsed = _parse_literal(value) if isinstance(value, str) else value
         if isinstance(parsed, tuple):
             parsed = list(parsed)
         if not isinstance(parsed, list):
-            raise _refuse(option, default, value)
+            raise _refuse(option, default, value, default_label)
         kinds = {type(d) for d in default}
         if len(kinds) == 1 and kinds <= {bool, int, float, str}:
             return [coerce_override(f"{option}#{i}", v, default[0]) for i, v in enumerate(parsed)]
@@ -240,7 +244,7 @@ def coerce_override(option: str, value: Any, default: Any = _UNKNOWN) -> Any:
     if isinstance(default, dict):
         parsed = _parse_literal(value) if isinstance(value, str) else value
         if not isinstance(parsed, dict):
-            raise _refuse(option, default, value)
+            raise _refuse(option, default, value, default_label)
         return parsed
     return _parse_literal(value) if isinstance(value, str) else value
 
@@ -332,10 +336,13 @@ def check_cli_overrides(argv: Sequence[str] | None = None, parser: Any = None) -
         path = [p for p in key.replace("::", "#").split("#") if p]
         if not path:
             continue
-        found, _ = _lookup(config, path)
+        found, raw = _lookup(config, path)
         default: Any = _UNKNOWN
+        label = None
         if found:
             default = _literal_default(contents, config, path)
+            if isinstance(raw, str) and raw.startswith("@"):
+                label = json.dumps(raw)
         else:
             parent_found, parent = _lookup(config, path[:-1])
             if parent_found and isinstance(parent, dict) and isinstance(parent.get("_target_"), str):
@@ -348,7 +355,7 @@ def check_cli_overrides(argv: Sequence[str] | None = None, parser: Any = None) -
                 close = difflib.get_close_matches(path[-1], options, n=3)
                 hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
                 raise OverrideError(f"unknown option '--{key}'{hint}")
-        typed["#".join(path)] = coerce_override(key, text, default)
+        typed["#".join(path)] = coerce_override(key, text, default, default_label=label)
 
     source = typed.get("data_source", config.get("data_source"))
     if isinstance(source, str) and not _is_code(source) and source.lower() != "synthetic":

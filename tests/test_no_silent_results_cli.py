@@ -92,6 +92,16 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_option(key, text, expec
     assert text in str(info.value)
 
 
+def test_a_refused_override_names_a_referenced_default():
+    """VFD's adv_rampup defaults to "@iterations": the message names the reference, not only the number it has in
+    the config files (the run may set --iterations too)."""
+    cfg = str(bundle_dir("vfd") / "configs" / "train.json")
+    argv = [FAKE_MAIN, "run", "training", "--config_file", cfg, "--iterations", "4", "--adv_rampup", "2.5"]
+    with pytest.raises(ValueError, match=r'--adv_rampup: expected a whole number \(its default is "@iterations", '
+                                         r"200 in the config files\), got '2.5'"):
+        bundle_utils.check_cli_overrides(argv)
+
+
 def test_cli_resume_false_trains_a_new_run(tmp_path):
     """README's ``--resume false``, typed as documented, after a finished run of the same name."""
     overlay = tiny_training_overlay(tmp_path / "tiny.json", tmp_path / "run", resume=True)

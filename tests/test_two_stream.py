@@ -80,3 +80,25 @@ def test_weak_and_strong_views_come_from_one_sampled_image():
 def test_empty_labeled_set_refused():
     with pytest.raises(DataError, match="labelled set is empty"):
         TwoStreamLoader(Dataset([], None), None)
+
+
+def test_training_batches_skip_metadata_with_identical_values(monkeypatch):
+    """The loader runs the transforms without MetaTensor bookkeeping (cheaper, the trainer drops it anyway): the
+    arrays are bit-identical to those of the tracked transforms, and MONAI's global flag is restored."""
+    from monai.data import MetaTensor, get_track_meta
+
+    import common.data.two_stream as two_stream
+
+    lab, unlab = _datasets(strong=None)
+    plain = _take(TwoStreamLoader(lab, unlab, 2, 3, seed=7), 3)
+    assert get_track_meta()
+    assert not isinstance(plain[0]["labeled"]["image"], MetaTensor)
+    monkeypatch.setattr(two_stream, "set_track_meta", lambda flag: None)  # tracking stays on
+    tracked = _take(TwoStreamLoader(lab, unlab, 2, 3, seed=7), 3)
+    assert isinstance(tracked[0]["labeled"]["image"], MetaTensor)
+    for x, y in zip(plain, tracked):
+        for stream in ("labeled", "unlabeled"):
+            for key, value in x[stream].items():
+                if torch.is_tensor(value):
+                    other = y[stream][key].as_tensor()
+                    assert value.dtype == other.dtype and torch.equal(value, other), (stream, key)

@@ -274,7 +274,12 @@ def test_warmup_weight_and_bad_arguments():
                             ({"voxels_per_class": 0}, "voxels_per_class must be >= 1, got 0"),
                             ({"feature_levels": [0, 7]}, r"feature_levels must be indices in \[0, 4\]"),
                             ({"pairing": "nearest"}, "pairing must be 'shuffle' or 'same', got 'nearest'"),
-                            ({"adv_weight": -1.0}, "adv_weight must be >= 0, got -1.0")):
+                            ({"adv_weight": -1.0}, "adv_weight must be a finite number >= 0, got -1.0"),
+                            ({"adv_rampup": float("nan")}, "adv_rampup must be a finite number >= 0, got nan"),
+                            ({"adv_rampup": float("inf")}, "adv_rampup must be a finite number >= 0, got inf"),
+                            ({"adv_rampup": True}, "adv_rampup must be a finite number >= 0, got True"),
+                            ({"consistency_rampup": "5"}, "consistency_rampup must be a finite number >= 0, got '5'"),
+                            ({"feature_weight": float("nan")}, "feature_weight must be a finite number >= 0, got nan")):
         with pytest.raises(ValueError, match=message):
             _method(**kwargs)
     with pytest.raises(TypeError, match="ema_warmup must be a bool"):
@@ -286,6 +291,25 @@ def test_warmup_weight_and_bad_arguments():
     labeled["label"][0, 0, 0, 0] = 5
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\], got values in \[0, 5\]"):
         method.train_step(_engine(net), labeled, unlabeled)
+
+
+def test_adv_rampup_scales_only_the_adversarial_term():
+    """alpha(t) = alpha exp(-5 (1 - t / adv_rampup)^2): the total loss moves by exactly (alpha(t) - alpha) L_adv
+    against the constant-alpha method on the same batch; 0 keeps alpha constant."""
+    def step(t, **kwargs):
+        method, net = _method(adv_weight=0.01, **kwargs)
+        labeled, unlabeled = _batches()
+        _set_teacher_confidence(method, 0.95)  # every unlabelled voxel confident: L_adv > 0
+        torch.manual_seed(3)
+        return method.train_step(_engine(net, step=t), labeled, unlabeled)
+
+    for t, factor in ((0, math.exp(-5)), (50, math.exp(-5 * 0.25)), (100, 1.0), (400, 1.0)):
+        ramped, constant = step(t, adv_rampup=100), step(t)
+        assert float(ramped["adv_weight"]) == pytest.approx(0.01 * factor)
+        assert float(constant["adv_weight"]) == pytest.approx(0.01)
+        assert float(ramped["loss_adv"]) == pytest.approx(float(constant["loss_adv"])) and float(ramped["loss_adv"]) > 1
+        expected = float(constant["loss"]) - 0.01 * (1 - factor) * float(constant["loss_adv"])
+        assert float(ramped["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
 # -- the bundle -------------------------------------------------------------------------------------------------

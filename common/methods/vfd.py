@@ -18,6 +18,7 @@ is updated by EMA.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engines.ema import EMA
-from common.engines.schedules import RampUp
+from common.engines.schedules import RampUp, sigmoid_rampup
 from common.methods.base import Batch, SemiSupervisedMethod
 from common.networks.batchnorm import frozen_bn_stats
 from common.networks.byol import BYOLHead, byol_loss
@@ -107,6 +108,11 @@ class VFDMethod(SemiSupervisedMethod):
             V-Net x1..x4 = indices 0..3 of ``forward_features().features``).
         feature_channels: width of the voxel feature layer, BYOL heads and discriminator (paper: 64).
         adv_weight: alpha, weight of ``L_adv`` (paper: 0.01).
+        adv_rampup: iterations over which alpha rises by the same Gaussian warm-up as ``gamma(t)``,
+            ``alpha(t) = alpha exp(-5 (1 - t / adv_rampup)^2)`` (0 = constant alpha, as the paper prints it). Not in
+            the paper: the warm-up keeps a discriminator that has not yet learned, and pseudo-labels that are still
+            mostly wrong, from steering the student's early features (semi-supervised adversarial segmentation
+            code, e.g. Hung et al. 2018, starts its unlabelled adversarial term late for the same reason).
         feature_weight: beta, weight of ``L_feature`` (paper: 0.1 LA, 100 MO).
         consistency_weight: gamma_max of the Gaussian warm-up (paper: 0.001).
         consistency_rampup: t_max of the warm-up in iterations (ours: the total iterations).
@@ -143,6 +149,7 @@ class VFDMethod(SemiSupervisedMethod):
         feature_levels: Sequence[int] = (0, 1, 2, 3),
         feature_channels: int = 64,
         adv_weight: float = 0.01,
+        adv_rampup: float = 0.0,
         feature_weight: float = 0.1,
         consistency_weight: float = 0.001,
         consistency_rampup: float = 6000,
@@ -168,11 +175,12 @@ class VFDMethod(SemiSupervisedMethod):
         n_levels = len(network.encoder_channels)
         if not levels or any(not 0 <= level < n_levels for level in levels):
             raise ValueError(f"feature_levels must be indices in [0, {n_levels - 1}], got {list(feature_levels)}")
-        for name, value in (("adv_weight", adv_weight), ("feature_weight", feature_weight),
+        for name, value in (("adv_weight", adv_weight), ("adv_rampup", adv_rampup), ("feature_weight", feature_weight),
                             ("consistency_weight", consistency_weight), ("consistency_rampup", consistency_rampup),
                             ("discriminator_lr", discriminator_lr)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            # a bool from a JSON overlay would count as 1, an infinite ramp keeps alpha at e^-5 alpha forever
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
         if voxels_per_class < 1:
@@ -193,6 +201,7 @@ class VFDMethod(SemiSupervisedMethod):
         self.spatial_dims = int(spatial_dims)
         self.feature_levels = levels
         self.adv_weight = float(adv_weight)
+        self.adv_rampup = float(adv_rampup)
         self.feature_weight = float(feature_weight)
         self.consistency = RampUp(consistency_weight, consistency_rampup, step=1.0)
         self.threshold = float(threshold)
@@ -354,7 +363,8 @@ class VFDMethod(SemiSupervisedMethod):
             "num_labeled": n_l,
             "num_unlabeled": n_u,
         }
-        loss = loss_seg + gamma * loss_c + self.adv_weight * loss_adv + self.feature_weight * loss_feature
+        alpha = self.adv_weight * sigmoid_rampup(engine.step_index, self.adv_rampup)
+        loss = loss_seg + gamma * loss_c + alpha * loss_adv + self.feature_weight * loss_feature
         return {
             "loss": loss,
             "loss_seg": loss_seg.detach(),
@@ -362,6 +372,7 @@ class VFDMethod(SemiSupervisedMethod):
             "loss_adv": loss_adv.detach(),
             "loss_feature": loss_feature.detach(),
             "consistency_weight": torch.tensor(gamma),
+            "adv_weight": torch.tensor(alpha),
             "confident_fraction": (pseudo >= 0).float().mean(),
         }
 
