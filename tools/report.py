@@ -340,6 +340,57 @@ def provenance(rows: list[dict], speed: dict[str, dict], speed_path: Path) -> st
     return "\n\n".join(text)
 
 
+def compare_rows(path: Path) -> list[dict]:
+    """The rows of the newest ``tools/benchmark_speed.py --compare`` run in ``path`` (JSON lines).
+
+    A run is the set of rows sharing ``measured_at``; rows written before that field existed count as one older
+    run each per bundle and arm (the last one wins)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "error" not in r and "arm" in r]
+    stamped = [r for r in rows if r.get("measured_at")]
+    if stamped:
+        newest = max(r["measured_at"] for r in stamped)
+        return [r for r in stamped if r["measured_at"] == newest]
+    last: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        last[(r["bundle"], r["arm"])] = r
+    return list(last.values())
+
+
+def compare_table(rows: list[dict], shown: Path) -> str:
+    """Per bundle: s/iteration of every arm and the speed-up of each against the first (the older commit)."""
+    if not rows:
+        return ""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    base = arms[0]
+    head = ("| bundle | " + " | ".join(f"{a} s/it" for a in arms) + " | "
+            + " | ".join(f"speed-up {a}" for a in arms[1:]) + " |")
+    lines = [head, "|---" * (1 + 2 * len(arms) - 1) + "|"]
+    for bundle in dict.fromkeys(r["bundle"] for r in rows):
+        by = {r["arm"]: r for r in rows if r["bundle"] == bundle}
+        if base not in by:
+            continue
+        cells = [_fmt(by[a]["s_per_iteration_median"], 1, 3) if a in by else "-" for a in arms]
+        cells += [(f"{by[a]['speedup_vs_base']:.2f}x (paired {by[a]['speedup_median_of_paired_blocks']:.2f}x)"
+                   if a in by else "-") for a in arms[1:]]
+        lines.append(f"| {bundle} | " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    where = f"{r0.get('cpu', 'machine not recorded')}, {r0.get('cores', '?')} cores, torch threads: {r0.get('threads', '?')}"
+    when = f", measured {r0['measured_at']} on commit {r0.get('tree_commit', '?')}" if r0.get("measured_at") else ""
+    return "\n".join([
+        "## Training step against the commit before the fast path (issue 16)",
+        "",
+        f"`tools/benchmark_speed.py --compare` (`{shown}`, newest run{when}): each arm in its own process on {where}; "
+        f"{r0.get('batch', '')} ACDC-CPU v1 batches; {r0.get('schedule', '')}. Speed-up = "
+        "median s/it of the first arm over the arm's; paired = median over rounds of the per-round ratio. Details, "
+        "the GPU rows and what was tried: `docs/speed_fast_path.md`.",
+        "",
+        *lines,
+    ])
+
+
 README_START = "<!-- results-table: written by tools/report.py -->"
 README_END = "<!-- /results-table -->"
 
@@ -454,6 +505,8 @@ def main() -> None:
     parser.add_argument("--protocol", default="acdc_cpu_v1", help="run-name prefix of the runs to report")
     parser.add_argument("--dataset_dir", default=str(REPO.parent / "shared" / "data" / "ACDC"))
     parser.add_argument("--speed", default=str(REPO / "docs" / "speed_acdc_cpu_v1.jsonl"))
+    parser.add_argument("--speed_compare", default=str(REPO / "docs" / "speed_compare_issue16.jsonl"),
+                        help="JSON lines of tools/benchmark_speed.py --compare (the newest run is tabulated)")
     parser.add_argument("--case", default="patient002_frame01", help="validation volume for the example figure")
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--extra", default=str(REPO / "docs" / "results_notes.md"),
@@ -503,6 +556,14 @@ def main() -> None:
     notes = provenance(rows, speed, Path(args.speed))
     if notes:
         text += [notes, ""]
+    compare_path = Path(args.speed_compare)
+    try:
+        compare_shown = compare_path.resolve().relative_to(REPO)
+    except ValueError:
+        compare_shown = compare_path
+    compared = compare_table(compare_rows(compare_path), compare_shown)
+    if compared:
+        text += [compared, ""]
     for title, path in figures:
         if path is not None:
             text += [f"**{title}**", "", f"![{title}]({path.name})", ""]

@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["FastPath", "FastPathError", "PRECISIONS", "check_precision", "cpu_supports_bf16", "memory_format_for"]
+__all__ = ["FastPath", "FastPathError", "PRECISIONS", "check_precision", "cpu_supports_bf16", "memory_format_for",
+           "to_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,34 @@ def check_precision(value: Any, device: torch.device | str = "cpu", key: str = "
 def memory_format_for(tensor: torch.Tensor) -> Optional[torch.memory_format]:
     """``channels_last`` for 4D tensors, ``channels_last_3d`` for 5D, ``None`` otherwise."""
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+
+
+def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (4D or 5D) with channels-last strides, also when it has one channel.
+
+    ``contiguous(memory_format=...)`` leaves a one-channel tensor (a grey-level image batch ``(B, 1, H, W)``, the
+    first conv's weight ``(F, 1, k, k)``) with its standard strides, since it already counts as channels-last;
+    ATen then takes the first convolution for a standard-layout one, its output comes out in the standard layout,
+    and the whole first block (BatchNorm, activation, dropout) runs there before the next convolution copies it
+    back. Strides written out as channels-last (``(H W, 1, W, 1)``) keep every layer channels-last. Same values;
+    other tensors are returned by ``contiguous(memory_format=...)``.
+    """
+    fmt = memory_format_for(tensor)
+    if fmt is None:
+        return tensor
+    if tensor.shape[1] != 1:
+        return tensor.contiguous(memory_format=fmt)
+    spatial = tensor.shape[2:]
+    strides = [1] * tensor.dim()  # dims ordered N, spatial..., C=1 in memory: C has stride 1
+    step = 1
+    for d in reversed(range(2, tensor.dim())):
+        strides[d] = step
+        step *= spatial[d - 2]
+    strides[0] = step
+    if tuple(tensor.stride()) == tuple(strides):
+        return tensor
+    out = torch.empty_strided(tuple(tensor.shape), tuple(strides), dtype=tensor.dtype, device=tensor.device)
+    return out.copy_(tensor)
 
 
 def _compile_units(modules: Iterable[nn.Module]) -> List[nn.Module]:
@@ -177,9 +206,10 @@ class FastPath:
                 m.__class__ = _LayoutFreeDropout  # same masks as the plain step (see the class)
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
-                fmt = memory_format_for(t)
-                if fmt is not None and not t.is_contiguous(memory_format=fmt):
-                    t.data = t.data.contiguous(memory_format=fmt)
+                if memory_format_for(t) is not None:
+                    laid_out = to_channels_last(t.data)
+                    if laid_out is not t.data:
+                        t.data = laid_out
 
     def _float_logits(self, module: nn.Module) -> None:
         """Logits leave every ``head`` of ``module`` in float32, so the losses are computed in float32."""
@@ -250,8 +280,6 @@ class FastPath:
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v) and v.is_floating_point() and k != "label":
-                fmt = memory_format_for(v)
-                if fmt is not None:
-                    v = v.contiguous(memory_format=fmt)
+                v = to_channels_last(v)
             out[k] = v
         return out

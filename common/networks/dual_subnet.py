@@ -40,7 +40,7 @@ class _TransposedUpBlock(nn.Module):
         self.conv = _ConvBlock(2 * skip_channels, out_channels, dropout=0.0)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(deep)], dim=1))
+        return self.conv.forward_concat(skip, self.up(deep))  # = conv(cat([skip, up])), see _ConvBlock
 
 
 class UNet2DTransposedUp(UNet2D):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.networks.outputs import EncoderDecoder
@@ -17,22 +18,43 @@ __all__ = ["UNet2D"]
 
 
 class _ConvBlock(nn.Module):
-    """3x3 conv -> BN -> LeakyReLU -> Dropout -> 3x3 conv -> BN -> LeakyReLU."""
+    """3x3 conv -> BN -> LeakyReLU -> Dropout -> 3x3 conv -> BN -> LeakyReLU.
+
+    The activations work in place on the BatchNorm outputs, which nothing else reads (BatchNorm's backward uses
+    its input): the same values without a second full-size map per activation, about 4% of a U-Net training
+    step on the CPU (issue 16; autograd's version counters refuse any unsafe reuse)."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
         super().__init__()
         self.block = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
             nn.BatchNorm2d(out_channels),
-            nn.LeakyReLU(0.01),
+            nn.LeakyReLU(0.01, inplace=True),
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
             nn.BatchNorm2d(out_channels),
-            nn.LeakyReLU(0.01),
+            nn.LeakyReLU(0.01, inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
+
+    def forward_concat(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([skip, up], dim=1))`` without building the concatenation.
+
+        The first conv is linear in its input channels, so it is applied to the two parts with the matching slices
+        of its weight and summed; the parameters and the result are the same (up to float summation order).
+        Concatenating channels-last maps interleaves them pixel by pixel, and the up-sampled part's gradient then
+        comes back as a strided slice that ``upsample_bilinear2d_backward`` copies first: skipping both made a
+        channels-last U-Net training step 5-8% faster on the CPU (issue 16).
+        """
+        conv = self.block[0]
+        split = skip.shape[1]
+        out = F.conv2d(skip, conv.weight[:, :split], conv.bias, padding=1)
+        out = out + F.conv2d(up, conv.weight[:, split:], None, padding=1)
+        # the remaining six layers one by one (TorchScript cannot iterate over a slice of the Sequential)
+        out = self.block[3](self.block[2](self.block[1](out)))
+        return self.block[6](self.block[5](self.block[4](out)))
 
 
 class _DownBlock(nn.Module):
@@ -55,7 +77,7 @@ class _UpBlock(nn.Module):
         self.conv = _ConvBlock(2 * skip_channels, out_channels, dropout=0.0)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(self.reduce(deep))], dim=1))
+        return self.conv.forward_concat(skip, self.up(self.reduce(deep)))
 
 
 class UNet2D(EncoderDecoder):
