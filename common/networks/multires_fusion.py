@@ -6,7 +6,7 @@ Upsampling the features instead of down-sampling the label is the paper's "multi
 (no label information is lost). A full-resolution 64-channel map is costly (in 3D ~1 GB for a 4-volume batch;
 in 2D the fusion conv alone costs about as much as the backbone's forward), and VFD only reads it at a few
 sampled voxels, so :meth:`MultiResolutionFusion.sample` evaluates it at those voxels only: each level's map is
-interpolated at the sampled voxels' ``k^D`` neighbourhoods (``grid_sample`` with the same sampling positions as
+interpolated at the sampled voxels' ``k^D`` neighbourhoods (a gather with the same sampling positions and weights as
 ``F.interpolate(align_corners=False)``) and the fusion conv is applied to those neighbourhoods. Without
 normalisation, or with BatchNorm in eval mode, this equals the dense map at the sampled voxels; with BatchNorm
 in train mode, the fusion layer's BatchNorm takes its statistics over the sampled voxels instead of all voxels.
@@ -27,7 +27,6 @@ __all__ = ["MultiResolutionFusion"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_CONV_FN = {2: F.conv2d, 3: F.conv3d}
 _MODE = {2: "bilinear", 3: "trilinear"}
 
 
@@ -37,17 +36,6 @@ def _activation(act: str, negative_slope: float) -> nn.Module:
     if act == "leakyrelu":
         return nn.LeakyReLU(negative_slope)
     raise ValueError(f"activation must be 'relu' or 'leakyrelu', got '{act}'")
-
-
-def _slot_in_image(batch: torch.Tensor) -> torch.Tensor:
-    """For each sample, its rank among the samples of the same image: ``(N,)`` long."""
-    order = torch.argsort(batch, stable=True)
-    sorted_batch = batch[order]
-    counts = torch.bincount(sorted_batch)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(batch)
-    slot[order] = torch.arange(batch.numel(), device=batch.device) - starts[sorted_batch]
-    return slot
 
 
 def _interpolate_at(level: torch.Tensor, batch: torch.Tensor, points: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -73,7 +61,7 @@ def _interpolate_at(level: torch.Tensor, batch: torch.Tensor, points: torch.Tens
         stride = 1
         for later in spatial_l[d + 1:]:
             stride *= int(later)
-        coord = points[..., d].clamp(0, int(s) - 1)  # outside points read the edge, as grid_sample's border
+        coord = points[..., d].clamp(0, int(s) - 1)  # outside points read the edge (masked by the caller)
         if int(s_l) == int(s):  # same resolution: the interpolation reads the voxel itself
             corners = [(i + coord * stride, w) for i, w in corners]
             continue
@@ -187,7 +175,7 @@ class MultiResolutionFusion(nn.Module):
             fused = self(features, size)
             return fused[(samples.batch, slice(None), *samples.coords.unbind(1))]
         maps = self.lateral_maps(features)
-        n, k = len(samples), self.offsets.shape[0]
+        n = len(samples)
         if n == 0:
             return maps[0].new_zeros((0, self.channels))
         points = samples.coords[:, None, :] + self.offsets[None]  # (N, k^D, D)
