@@ -89,11 +89,11 @@ def fast_path_compare(args) -> None:
         evaluator.network = network
 
     def fast_f32():
-        FastPath(channels_last=True).prepare(network)
+        FastPath(channels_last=True, reuse_freed_memory=False).prepare(network)
         evaluator.network = network
 
     def fast_bf16():
-        fast = FastPath(channels_last=True, precision="bf16")
+        fast = FastPath(channels_last=True, precision="bf16", reuse_freed_memory=False)
         fast.prepare(network)  # no hooks kept: float32 logits come from the wrapper
         evaluator.network = _Autocast(network, fast)
 

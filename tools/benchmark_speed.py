@@ -243,6 +243,17 @@ def _worktree(rev: str) -> Path:
     return path
 
 
+def _git(*argv: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _tree_commit() -> str:
+    """The working tree's commit, with ``+changes`` when tracked files differ from it (rows name what was timed)."""
+    dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], capture_output=True).returncode != 0
+    return _git("rev-parse", "--short=7", "HEAD") + ("+changes" if dirty else "")
+
+
 def _median(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
@@ -257,6 +268,8 @@ def compare(args: argparse.Namespace) -> None:
     if not args.no_bf16:
         arms_spec.append(("this tree bf16", REPO, {"precision": "bf16"}))
     rows = []
+    stamp = {"measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "tree_commit": _tree_commit(),
+             "base_commit": _git("rev-parse", f"{args.compare}^{{commit}}")[:7]}
     for bundle in (args.bundles or _bundles()):
         arms = [_Arm(name, repo, over, bundle, args) for name, repo, over in arms_spec]
         try:
@@ -286,7 +299,7 @@ def compare(args: argparse.Namespace) -> None:
                 "cores": os.cpu_count(), "num_workers": args.num_workers,
                 "schedule": f"{args.warmup} warm-up, then {args.rounds} rounds x {args.block} iterations per arm, "
                             "arm order reversed each round; data loading included",
-                "protocol": "interleaved A/B, ACDC-CPU v1 batch",
+                "protocol": "interleaved A/B, ACDC-CPU v1 batch", **stamp,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

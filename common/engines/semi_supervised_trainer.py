@@ -83,6 +83,9 @@ class SemiSupervisedTrainer(Trainer):
         compile: ``torch.compile`` the network's and the method's conv blocks (eager fallback with one warning).
         precision: ``"float32"`` (default), ``"bf16"`` (CPU with bf16 support, CUDA) or ``"fp16"`` (CUDA, with a
             gradient scaler): autocast around the method's step; logits and losses stay float32.
+        reuse_freed_memory: on a CPU device, glibc keeps freed host memory for reuse instead of returning it to the
+            system, so each iteration does not page-fault its buffers in again (:mod:`common.engines.host_memory`;
+            process-wide, bit-identical results).
         nonfinite: ``"raise"`` stops with :class:`NonFiniteLossError` (nothing is stepped or saved);
             ``"skip"`` drops that iteration's update and goes on.
         non_blocking: non-blocking host-to-device copies.
@@ -109,6 +112,7 @@ class SemiSupervisedTrainer(Trainer):
         channels_last: bool = False,
         compile: bool = False,
         precision: str = "float32",
+        reuse_freed_memory: bool = True,
     ) -> None:
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
@@ -128,7 +132,8 @@ class SemiSupervisedTrainer(Trainer):
             amp = False
         if amp and precision == "float32":
             precision = "fp16"
-        self.fast_path = FastPath(channels_last=channels_last, compile=compile, precision=precision, device=device)
+        self.fast_path = FastPath(channels_last=channels_last, compile=compile, precision=precision, device=device,
+                                  reuse_freed_memory=reuse_freed_memory)
         amp = self.fast_path.autocast_dtype is not None
         super().__init__(
             device=device,
