@@ -18,7 +18,9 @@ fast path; this tree ``--precision bf16`` unless ``--no_bf16``; this tree with `
 turns: ``--rounds`` rounds of ``--block`` iterations each, the order of the arms reversed every round, the other
 arms paused (blocked before fetching their next batch). Noise from other work on the machine hits every arm alike;
 the ratio ``REV / this tree`` of the median s/iteration is the speed-up. Prints a markdown table and JSON lines
-(``--out`` appends them to a file).
+(``--out`` appends them to a file). Each arm loads its batches with its own bundle default of ``num_workers`` (rows
+record it; this tree's default depends on the device and the free cores, ``common.data.default_num_workers``);
+``--num_workers N`` imposes N on every arm.
 
     python tools/benchmark_speed.py --compare a3b7a66 --dataset_dir ../shared/data/ACDC --out docs/speed_compare.jsonl
 """
@@ -102,6 +104,7 @@ def run_single(bundle: str, args: argparse.Namespace) -> dict:
         "batch": f"{wf.parser['labeled_batch_size']}+{wf.parser['unlabeled_batch_size']} at 128x128",
         "data": args.data,
         "threads": args.threads,
+        "num_workers": wf.parser.get_parsed_content("num_workers"),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
     }
@@ -117,7 +120,8 @@ def _workflow(bundle: str, repo: Path, args: argparse.Namespace, total: int, ext
         configs.append(str(root / "configs" / "acdc_cpu_v1.json"))
     override = {
         "bundle_root": str(root), "output_dir": tempfile.mkdtemp(prefix=f"speed_{bundle}_"), "iterations": total,
-        "val_interval": 10 ** 9, "checkpoint_interval": 10 ** 9, "num_workers": args.num_workers, "resume": False,
+        "val_interval": 10 ** 9, "checkpoint_interval": 10 ** 9, "resume": False,
+        **({} if args.num_workers is None else {"num_workers": args.num_workers}),
         **EXTRA_OVERRIDES.get(bundle, {}), **extra,
     }
     if args.data == "acdc":
@@ -168,6 +172,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     trainer.add_event_handler(Events.GET_BATCH_STARTED, before_batch)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, after_iteration)
+    info["num_workers"] = wf.parser.get_parsed_content("num_workers")
     print("INFO " + json.dumps(info), flush=True)
     wf.run()
     print("BLOCK " + json.dumps(state["times"]), flush=True)
@@ -183,7 +188,7 @@ class _Arm:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", bundle, "--worker_repo", str(repo),
                "--worker_overrides", json.dumps(overrides), "--data", args.data, "--dataset_dir", args.dataset_dir,
                "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--block", str(args.block),
-               "--threads", str(args.threads), "--num_workers", str(args.num_workers)]
+               "--threads", str(args.threads)] + _workers_arg(args)
         env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"speed_{bundle}_{name}_", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=str(repo), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -227,6 +232,10 @@ class _Arm:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         os.unlink(self.log.name)
+
+
+def _workers_arg(args: argparse.Namespace) -> list[str]:
+    return [] if args.num_workers is None else ["--num_workers", str(args.num_workers)]
 
 
 def _worktree(rev: str) -> Path:
@@ -296,7 +305,7 @@ def compare(args: argparse.Namespace) -> None:
                 "speedup_median_of_paired_blocks": round(_median(paired), 3) if paired else None,
                 **arm.info, "peak_rss_mb": arm.done.get("peak_rss_mb"),
                 "batch": "4+4 at 128x128", "data": args.data, "threads": args.threads, "cpu": _cpu_name(),
-                "cores": os.cpu_count(), "num_workers": args.num_workers,
+                "cores": os.cpu_count(),
                 "schedule": f"{args.warmup} warm-up, then {args.rounds} rounds x {args.block} iterations per arm, "
                             "arm order reversed each round; data loading included",
                 "protocol": "interleaved A/B, ACDC-CPU v1 batch", **stamp,
@@ -322,7 +331,8 @@ def compare(args: argparse.Namespace) -> None:
           f"{names[0]} = that commit's default (contiguous, eager), this tree = its defaults "
           f"({rows[1]['memory_format'] if len(rows) > 1 else '?'}, compile={rows[1]['compile'] if len(rows) > 1 else '?'}); "
           "arms interleaved so machine noise hits all alike; threads="
-          f"{args.threads}, {_cpu_name()}, {os.cpu_count()} cores")
+          f"{args.threads}, {_cpu_name()}, {os.cpu_count()} cores; loader workers per stream: "
+          + ", ".join(f"{r['arm']} {r.get('num_workers')}" for r in rows[:len(names)]))
 
 
 def main() -> None:
@@ -333,7 +343,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25, help="last timed iteration")
     parser.add_argument("--warmup", type=int, default=4, help="iterations excluded at the start (timing from 5)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="loader workers per stream in every run/arm (default: each tree's bundle default)")
     parser.add_argument("--out", default=None, help="also append the rows to this JSON-lines file")
     parser.add_argument("--compare", default=None, metavar="REV",
                         help="time this working tree against commit REV, interleaved in one run")
@@ -367,7 +378,7 @@ def main() -> None:
     for bundle in bundles:
         cmd = [sys.executable, __file__, "--single", bundle, "--data", args.data, "--dataset_dir", args.dataset_dir,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
-               "--num_workers", str(args.num_workers)]
+               ] + _workers_arg(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
         row_lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
         if proc.returncode != 0 or not row_lines:

@@ -19,3 +19,4 @@ from common.data.transforms import (
     weak_strong_views,
 )
 from common.data.two_stream import TwoStreamLoader, stream_keys
+from common.data.workers import check_num_workers, default_num_workers

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data.loading import DataError, check_label_values, find_loader
 from common.data.splits import expand_to_slices
+from common.data.workers import check_num_workers
 
 __all__ = ["TwoStreamLoader", "stream_keys"]
 
@@ -115,7 +116,8 @@ class TwoStreamLoader:
         labeled_batch_size: labelled samples per iteration and rank.
         unlabeled_batch_size: unlabelled samples per iteration and rank (0 = no unlabelled stream).
         seed: seed of the sampling and augmentation streams.
-        num_workers: data-loading worker processes per stream.
+        num_workers: data-loading worker processes per stream (0: in this process); the bundles default to
+            :func:`~common.data.workers.default_num_workers` of their device.
         rank, world_size: this process's share of each global batch; default from ``torch.distributed``.
         slice_volumes: train a 2D model: volume items are expanded into one item per slice
             (:func:`~common.data.splits.expand_to_slices`; slice items pass through), whoever set the data.
@@ -124,6 +126,7 @@ class TwoStreamLoader:
 
     Raises:
         DataError: an empty labelled set, or a label with values outside the classes (naming its file).
+        ValueError: ``num_workers`` is not an integer >= 0 (naming the key).
 
     ``len(loader)`` is the labelled epoch length in iterations. :meth:`set_start_iteration` makes the next
     ``iter()`` continue from a given iteration (the trainer calls it when resuming).
@@ -164,7 +167,7 @@ class TwoStreamLoader:
         self.labeled_batch_size = labeled_batch_size
         self.unlabeled_batch_size = unlabeled_batch_size if self.unlabeled is not None else 0
         self.seed = seed
-        self.num_workers = num_workers
+        self.num_workers = check_num_workers(num_workers)
         self.collate_fn = collate_fn
         self.start_iteration = 0
 

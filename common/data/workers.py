@@ -1,0 +1,46 @@
+"""How many loader worker processes a training run gets by default (issue 16: "loader workers that keep up").
+
+On a CPU device the training step's intra-op threads (``torch.get_num_threads()``) already keep every core busy
+when they number as many as the cores. Loader workers then take their CPU time from those threads, and a worker
+preempting one thread of a parallel region leaves the other spinning at its barrier. On the 2-core ACDC-CPU v1
+machine, with 2 torch threads, the CML step took 0.526 s/iteration with 2 workers per stream and 0.452 s with the
+batches loaded in the training process (0 workers), the supervised step 0.201 vs 0.184 s, SS-Net 0.936 vs 0.924 s
+(one process each, 14-20 iterations, medians; ``docs/speed_fast_path.md``). So workers get only the cores the step
+leaves free; on a GPU device the step leaves the CPU to the loader.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["default_num_workers", "check_num_workers", "MAX_DEFAULT_WORKERS"]
+
+#: the most workers per stream chosen by default (the bundles' previous fixed value)
+MAX_DEFAULT_WORKERS = 2
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(device: torch.device | str = "cpu", threads: int | None = None) -> int:
+    """Loader workers per stream: :data:`MAX_DEFAULT_WORKERS` on a GPU device; on a CPU device the cores this process
+    may use minus the training step's torch threads (``threads``, default ``torch.get_num_threads()``), between 0 and
+    :data:`MAX_DEFAULT_WORKERS`. 0 means the batches are loaded in the training process."""
+    if torch.device(device).type != "cpu":
+        return MAX_DEFAULT_WORKERS
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    return max(0, min(MAX_DEFAULT_WORKERS, _cores() - threads))
+
+
+def check_num_workers(value: Any, key: str = "num_workers") -> int:
+    """``value`` as a worker count; raises ``ValueError`` naming ``key`` unless it is an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"'{key}' must be an integer >= 0 (loader worker processes per stream), got {value!r}")
+    return value
