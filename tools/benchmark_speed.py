@@ -305,7 +305,7 @@ def compare(args: argparse.Namespace) -> None:
                 "speedup_median_of_paired_blocks": round(_median(paired), 3) if paired else None,
                 **arm.info, "peak_rss_mb": arm.done.get("peak_rss_mb"),
                 "batch": "4+4 at 128x128", "data": args.data, "threads": args.threads, "cpu": _cpu_name(),
-                "cores": os.cpu_count(),
+                "cores": os.cpu_count(), "num_workers_imposed": args.num_workers,
                 "schedule": f"{args.warmup} warm-up, then {args.rounds} rounds x {args.block} iterations per arm, "
                             "arm order reversed each round; data loading included",
                 "protocol": "interleaved A/B, ACDC-CPU v1 batch", **stamp,
@@ -386,12 +386,14 @@ def main() -> None:
             continue
         rows.append(json.loads(row_lines[-1][4:]))
     base = next((r["s_per_iteration_median"] for r in rows if r["bundle"] == "supervised"), None)
+    stamp = {"measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "tree_commit": _tree_commit()}
     for row in rows:
         if base:
             row["ratio_to_supervised"] = round(row["s_per_iteration_median"] / base, 2)
             if row.get("pass_count"):
                 row["ratio_over_pass_count"] = round(row["ratio_to_supervised"] / row["pass_count"], 3)
         row["protocol"] = "ACDC-CPU v1 speed" if args.data == "acdc" else "synthetic 128x128, ACDC-CPU v1 batch"
+        row.update(stamp)
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -344,13 +344,17 @@ def compare_rows(path: Path) -> list[dict]:
     """The rows of the newest ``tools/benchmark_speed.py --compare`` run in ``path`` (JSON lines).
 
     A run is the set of rows sharing ``measured_at``; rows written before that field existed count as one older
-    run each per bundle and arm (the last one wins)."""
+    run each per bundle and arm (the last one wins). Runs that imposed one loader worker count on every arm
+    (``num_workers_imposed``) are left out when a run with each arm's own default exists: the table compares the
+    trees as users run them."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "error" not in r and "arm" in r]
     stamped = [r for r in rows if r.get("measured_at")]
     if stamped:
+        defaults = [r for r in stamped if r.get("num_workers_imposed") is None]
+        stamped = defaults or stamped
         newest = max(r["measured_at"] for r in stamped)
         return [r for r in stamped if r["measured_at"] == newest]
     last: dict[tuple[str, str], dict] = {}
@@ -379,11 +383,14 @@ def compare_table(rows: list[dict], shown: Path) -> str:
     r0 = rows[0]
     where = f"{r0.get('cpu', 'machine not recorded')}, {r0.get('cores', '?')} cores, torch threads: {r0.get('threads', '?')}"
     when = f", measured {r0['measured_at']} on commit {r0.get('tree_commit', '?')}" if r0.get("measured_at") else ""
+    workers = {r["arm"]: r.get("num_workers") for r in rows if r["bundle"] == r0["bundle"]}
+    loader = ("; loader workers per stream: " + ", ".join(f"{a} {w}" for a, w in workers.items())
+              if all(w is not None for w in workers.values()) else "")
     return "\n".join([
         "## Training step against the commit before the fast path (issue 16)",
         "",
         f"`tools/benchmark_speed.py --compare` (`{shown}`, newest run{when}): each arm in its own process on {where}; "
-        f"{r0.get('batch', '')} ACDC-CPU v1 batches; {r0.get('schedule', '')}. Speed-up = "
+        f"{r0.get('batch', '')} ACDC-CPU v1 batches; {r0.get('schedule', '')}{loader}. Speed-up = "
         "median s/it of the first arm over the arm's; paired = median over rounds of the per-round ratio. Details, "
         "the GPU rows and what was tried: `docs/speed_fast_path.md`.",
         "",
