@@ -44,15 +44,41 @@ _STEP_FAULTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def _glibc_left_to_us() -> bool:
+    import ctypes
+    import ctypes.util
+
+    from common.engines.host_memory import _reason_to_leave_alone
+
+    if _reason_to_leave_alone() is not None:
+        return False
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _glibc_left_to_us(), reason="needs glibc malloc with no allocator or malloc setting chosen")
 def test_a_repeated_training_step_no_longer_faults_its_buffers_in():
     out = subprocess.run([sys.executable, "-c", _STEP_FAULTS], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["applied"] is True
-    # glibc's defaults hand the step's multi-megabyte buffers back and fault them in again every iteration
-    assert counts["default"] > 1000, counts
-    assert counts["reused"] < counts["default"] / 20, counts
+    # glibc's defaults hand the step's multi-megabyte buffers back and fault them in again every iteration (2,000 to
+    # 20,000 faults per step here, depending on the machine's state); with the settings the buffers are reused
+    assert counts["default"] > 500, counts
+    assert counts["reused"] < counts["default"] / 10, counts
+
+
+def test_a_user_choice_of_allocator_settings_is_left_alone():
+    script = ("from common.engines.host_memory import reuse_freed_memory, freed_memory_reused; "
+              "print(reuse_freed_memory(), freed_memory_reused())")
+    for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"LD_PRELOAD_CHECK": "", "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}):
+        out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["False", "False"], (env, out.stdout)
 
 
 def test_mistyped_value_is_refused_naming_the_key():
@@ -65,3 +91,23 @@ def test_every_bundle_turns_it_on_and_passes_it_to_the_trainer():
         cfg = json.loads(config.read_text())
         assert cfg["reuse_freed_memory"] is True, config
         assert cfg["train"]["trainer"]["reuse_freed_memory"] == "@reuse_freed_memory", config
+
+
+def test_a_run_saved_before_the_setting_existed_resumes_and_other_nested_changes_are_still_refused(tmp_path):
+    from common.engines.checkpoints import CheckpointError, ResumeCheckpoint
+
+    old = {"iterations": "1500", "train#trainer#nonfinite": '"raise"'}
+    new = {**old, "reuse_freed_memory": "true", "train#trainer#reuse_freed_memory": '"@reuse_freed_memory"',
+           "train#run_summary#info#reuse_freed_memory": '"@reuse_freed_memory"'}
+    ckpt = ResumeCheckpoint(str(tmp_path), {}, settings=new)
+    ckpt._check_settings({"settings": old}, "ckpt.pt", 10, None)  # the release added it: resumes
+    assert set(ckpt.changed_settings) == {"reuse_freed_memory", "train#trainer#reuse_freed_memory",
+                                          "train#run_summary#info#reuse_freed_memory"}
+    ckpt._check_settings({"settings": {**new, "reuse_freed_memory": "false"}}, "ckpt.pt", 10, None)  # user's choice
+    refused = ResumeCheckpoint(str(tmp_path), {}, settings={**new, "train#trainer#nonfinite": '"skip"'})
+    with pytest.raises(CheckpointError, match="train#trainer#nonfinite"):
+        refused._check_settings({"settings": new}, "ckpt.pt", 10, None)
+    # a nested entry that only references an adjustable setting passes; one that references anything else does not
+    other = ResumeCheckpoint(str(tmp_path), {}, settings={**new, "train#trainer#method": '"@method"'})
+    with pytest.raises(CheckpointError, match="train#trainer#method"):
+        other._check_settings({"settings": new}, "ckpt.pt", 10, None)

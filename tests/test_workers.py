@@ -16,10 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {k: v for k, v in TINY_2D.items() if k != "num_workers"}
 
 
-@pytest.mark.parametrize("cores, threads, expected", [(2, 2, 0), (2, 1, 1), (4, 1, 2), (16, 16, 0), (1, 4, 0)])
-def test_cpu_workers_take_only_the_cores_the_step_leaves(monkeypatch, cores, threads, expected):
+@pytest.mark.parametrize("cores, threads, streams, expected", [
+    (2, 2, 2, 0), (2, 1, 1, 1), (3, 2, 2, 0), (3, 2, 1, 1), (6, 2, 2, 2), (16, 16, 2, 0), (1, 4, 1, 0),
+])
+def test_cpu_workers_share_only_the_cores_the_step_leaves(monkeypatch, cores, threads, streams, expected):
     monkeypatch.setattr(workers_module, "_cores", lambda: cores)
-    assert default_num_workers("cpu", threads=threads) == expected
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers("cpu", streams=streams, threads=threads) == expected
+
+
+def test_torchrun_ranks_on_one_machine_share_the_free_cores(monkeypatch):
+    monkeypatch.setattr(workers_module, "_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node 2, OMP_NUM_THREADS=1 each
+    assert default_num_workers("cpu", streams=2, threads=1) == 0
+    monkeypatch.setattr(workers_module, "_cores", lambda: 12)
+    assert default_num_workers("cpu", streams=2, threads=2) == 2  # (12 - 4) // 4
 
 
 def test_a_gpu_step_leaves_the_cpu_to_the_loader(monkeypatch):
@@ -36,8 +47,11 @@ def test_a_mistyped_worker_count_is_refused_naming_the_key(value):
 
 def test_bundles_default_to_the_device_aware_count(tmp_path, monkeypatch):
     for config in sorted(REPO.glob("bundles/*/configs/train.json")):
-        assert json.loads(config.read_text())["num_workers"] == "$common.data.default_num_workers(@device)", config
-    monkeypatch.setattr(workers_module, "_cores", lambda: torch.get_num_threads() + 1)
+        streams = 1 if config.parts[-3] == "supervised" else 2
+        assert json.loads(config.read_text())["num_workers"] == \
+            f"$common.data.default_num_workers(@device, streams={streams})", config
+    monkeypatch.setattr(workers_module, "_cores", lambda: torch.get_num_threads() + 1)  # one free core, one stream
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     wf = workflow("supervised", output_dir=str(tmp_path), **TINY, device="cpu")
     assert wf.parser.get_parsed_content("train#dataloader").num_workers == 1
 

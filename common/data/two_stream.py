@@ -146,6 +146,7 @@ class TwoStreamLoader:
         slice_volumes: bool = False,
         check_labels: bool = True,
     ) -> None:
+        check_num_workers(num_workers)  # before the labels are read: a typo stops the run at once
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
@@ -167,7 +168,7 @@ class TwoStreamLoader:
         self.labeled_batch_size = labeled_batch_size
         self.unlabeled_batch_size = unlabeled_batch_size if self.unlabeled is not None else 0
         self.seed = seed
-        self.num_workers = check_num_workers(num_workers)
+        self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.start_iteration = 0
 

@@ -29,14 +29,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers(device: torch.device | str = "cpu", threads: int | None = None) -> int:
-    """Loader workers per stream: :data:`MAX_DEFAULT_WORKERS` on a GPU device; on a CPU device the cores this process
-    may use minus the training step's torch threads (``threads``, default ``torch.get_num_threads()``), between 0 and
-    :data:`MAX_DEFAULT_WORKERS`. 0 means the batches are loaded in the training process."""
+def default_num_workers(device: torch.device | str = "cpu", streams: int = 2, threads: int | None = None) -> int:
+    """Loader workers per stream.
+
+    On a GPU device :data:`MAX_DEFAULT_WORKERS`. On a CPU device the cores this process may use, less the torch
+    threads of every training process on this machine (``threads``, default ``torch.get_num_threads()``, times
+    torchrun's ``LOCAL_WORLD_SIZE``), shared among those processes' ``streams`` loaders (2: labelled and
+    unlabelled; 1 for a supervised run), at most :data:`MAX_DEFAULT_WORKERS`. 0 means the batches are loaded in the
+    training process.
+    """
     if torch.device(device).type != "cpu":
         return MAX_DEFAULT_WORKERS
     threads = torch.get_num_threads() if threads is None else int(threads)
-    return max(0, min(MAX_DEFAULT_WORKERS, _cores() - threads))
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    free = _cores() - threads * local_ranks
+    return max(0, min(MAX_DEFAULT_WORKERS, free // (local_ranks * max(1, int(streams)))))
 
 
 def check_num_workers(value: Any, key: str = "num_workers") -> int:

@@ -157,8 +157,21 @@ ADJUSTABLE_ON_RESUME = (
     "iterations", "val_interval", "checkpoint_interval", "num_workers", "device", "amp", "resume", "run_name",
     "output_dir", "ckpt_dir", "bundle_root", "imports",
     # how the step runs, not what it computes (issue 16's fast path; precision changes rounding only)
-    "channels_last", "compile", "precision",
+    "channels_last", "compile", "precision", "reuse_freed_memory",
 )
+
+
+def _passes_through(text: str | None, adjustable: set) -> bool:
+    """Whether a nested setting's JSON text is absent or only references an adjustable top-level setting
+    (``"@reuse_freed_memory"`` handed to the trainer): such an entry changes with that setting or with a release
+    that adds it, never on its own."""
+    if text is None:
+        return True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, str) and value.startswith("@") and value[1:] in adjustable
 
 
 def _short(text: str | None, limit: int = 60) -> str:
@@ -260,7 +273,8 @@ class ResumeCheckpoint:
 
     def _check_settings(self, state: Mapping, path: str, position: int, engine: Engine | None) -> None:
         changed = self._differences(state.get("settings"), path)
-        refused = {k: v for k, v in changed.items() if k.split("#")[0] not in self.adjustable}
+        refused = {k: v for k, v in changed.items() if k.split("#")[0] not in self.adjustable
+                   and not all(_passes_through(t, self.adjustable) for t in v)}
         if refused:
             listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(refused.items())[:12])
             more = f" (and {len(refused) - 12} more)" if len(refused) > 12 else ""

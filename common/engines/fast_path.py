@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from common.engines.host_memory import freed_memory_reused as _freed_memory_reused
 from common.engines.host_memory import reuse_freed_memory as _reuse_freed_memory
 
 __all__ = ["FastPath", "FastPathError", "PRECISIONS", "check_precision", "cpu_supports_bf16", "memory_format_for",
@@ -175,7 +176,8 @@ class FastPath:
         """What the step runs with (for run summaries and benchmark rows)."""
         return {"precision": self.precision, "memory_format": "channels_last" if self.channels_last else "contiguous",
                 "compile": bool(self._compiled) if self.compile else False,
-                "reuse_freed_memory": self.freed_memory_reused}
+                # the process's state: an earlier request may have applied it, and it cannot be undone
+                "reuse_freed_memory": _freed_memory_reused()}
 
     # -- precision ----------------------------------------------------------------------------------------------
     @property

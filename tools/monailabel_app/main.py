@@ -324,6 +324,8 @@ class SemiSupervisedBundleTrainTask(BundleTrainTask):
         return max(1, len(items) // batch)
 
     def _update_overrides(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
+        from common.data.workers import check_num_workers
+
         labeled = [{"image": d["image"], "label": d["label"]} for d in overrides.get("train#dataset#data") or []]
         validation = overrides.get("validate#dataset#data")
         if not validation:
@@ -364,12 +366,18 @@ class SemiSupervisedBundleTrainTask(BundleTrainTask):
                 "output_dir": os.path.join(root, "runs", "monailabel"),
                 "ckpt_dir": os.path.join(root, "models"),
                 "resume": False,
-                "num_workers": int(self._request.get("num_workers") or 0),
+                # a whole number >= 0 (a numeric string from a client too), else an error naming it
+                "num_workers": check_num_workers(_whole(self._request.get("num_workers") or 0)),
             }
         )
         logger.info("bundle %s: %d iterations (%d epochs), validation every %d; %d unlabelled images", self.name,
                     iterations, max_epochs, overrides["val_interval"], len(self._unlabeled))
         return overrides
+
+
+def _whole(value: Any) -> Any:
+    """A request option given as a numeric string (``"2"``) as the number; anything else unchanged."""
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 def _cors() -> types.ModuleType:
