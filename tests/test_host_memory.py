@@ -74,7 +74,7 @@ def test_a_repeated_training_step_no_longer_faults_its_buffers_in():
 def test_a_user_choice_of_allocator_settings_is_left_alone():
     script = ("from common.engines.host_memory import reuse_freed_memory, freed_memory_reused; "
               "print(reuse_freed_memory(), freed_memory_reused())")
-    for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"LD_PRELOAD_CHECK": "", "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}):
+    for env in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}):
         out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                              env={**__import__("os").environ, **env})
         assert out.returncode == 0, out.stderr[-2000:]
@@ -91,6 +91,21 @@ def test_every_bundle_turns_it_on_and_passes_it_to_the_trainer():
         cfg = json.loads(config.read_text())
         assert cfg["reuse_freed_memory"] is True, config
         assert cfg["train"]["trainer"]["reuse_freed_memory"] == "@reuse_freed_memory", config
+
+
+def test_a_preloaded_allocator_is_left_alone(monkeypatch):
+    from common.engines.host_memory import _reason_to_leave_alone
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                 "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert "preloaded" in (_reason_to_leave_alone() or "")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfoo.so")
+    if sys.platform.startswith("linux"):
+        assert _reason_to_leave_alone() is None  # another preloaded library is not an allocator
+    else:
+        assert "not Linux" in _reason_to_leave_alone()
 
 
 def test_a_run_saved_before_the_setting_existed_resumes_and_other_nested_changes_are_still_refused(tmp_path):

@@ -3,10 +3,10 @@
 On a CPU device the training step's intra-op threads (``torch.get_num_threads()``) already keep every core busy
 when they number as many as the cores. Loader workers then take their CPU time from those threads, and a worker
 preempting one thread of a parallel region leaves the other spinning at its barrier. On the 2-core ACDC-CPU v1
-machine, with 2 torch threads, the CML step took 0.526 s/iteration with 2 workers per stream and 0.452 s with the
-batches loaded in the training process (0 workers), the supervised step 0.201 vs 0.184 s, SS-Net 0.936 vs 0.924 s
-(one process each, 14-20 iterations, medians; ``docs/speed_fast_path.md``). So workers get only the cores the step
-leaves free; on a GPU device the step leaves the CPU to the loader.
+machine, with 2 torch threads, loading in the training process (0 workers) against 2 workers per stream, interleaved
+(``tools/benchmark_speed.py --compare 03e7853``, rows in ``docs/speed_round4_ablation.jsonl``): supervised 1.04x,
+CML 0.97x, Cross-ALD 1.27x, GapMatch 1.04x, SS-Net 1.11x, VFD 1.00x. So workers get only the cores the step leaves
+free; on a GPU device the step leaves the CPU to the loader.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
   holding a BatchNorm) of the network and the method's modules, so Inductor fuses the memory-bound BatchNorm,
   LeakyReLU and dropout work around each convolution. Blocks, not the whole network, because the methods call
   several entry points (``forward``, ``forward_features``, ``forward_branches``) in several modes (frozen BN
-  statistics, no-grad targets, input gradients); the blocks see them all. If compiling fails, the step falls back
+  statistics, no-grad targets, input gradients); the blocks see them all. The U-Net up blocks call their block's
+  layers one by one (``_ConvBlock.forward_concat``), so they run eagerly. If compiling fails, the step falls back
   to eager with one warning.
 * ``precision``: ``"float32"`` (default), ``"bf16"`` (CPU with bf16 support, or CUDA) or ``"fp16"`` (CUDA only, with
   a gradient scaler): autocast around the method's step. Logits leave the backbone in float32 (a hook on the
@@ -162,8 +163,8 @@ class FastPath:
         self.device = torch.device(device)
         self.precision = check_precision(precision, self.device)
         self.reuse_freed_memory = _check_bool("reuse_freed_memory", reuse_freed_memory)
-        self.freed_memory_reused = (self.reuse_freed_memory and self.device.type == "cpu"
-                                    and _reuse_freed_memory())
+        if self.reuse_freed_memory and self.device.type == "cpu":
+            _reuse_freed_memory()
         self._compiled: List[nn.Module] = []
         self._hooks: List[Any] = []
         self._warned = False

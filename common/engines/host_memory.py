@@ -3,10 +3,10 @@
 A CPU training step allocates and frees the same activation and gradient buffers every iteration, many of them
 megabytes large. With glibc's default settings, blocks that large are served by ``mmap`` and handed back to the
 kernel when freed, or trimmed off the heap's top, so the next iteration touches fresh pages and takes one page fault
-per 4 KiB: about 18,000 faults and 40 ms of kernel time per iteration of the supervised ACDC-CPU v1 step (2 threads,
-measured with ``resource.getrusage``). Raising the ``mmap`` threshold to its largest value and the trim threshold
-far above a step's working set keeps those blocks in the heap, where the next iteration reuses them: 1-4 faults per
-iteration. The peak resident memory of a run is about the same (the step needs those pages at its peak anyway), but
+per 4 KiB: 17,795 faults and 0.042 s of kernel time per iteration of the supervised 4 + 4 step at 128x128 (2 threads,
+``tools/benchmark_page_faults.py``, rows in ``docs/speed_page_faults.jsonl``). Raising the ``mmap`` threshold to its largest value and the trim threshold
+far above a step's working set keeps those blocks in the heap, where the next iteration reuses them: 1-2 faults per
+iteration in that benchmark. The peak resident memory of a run is about the same (the step needs those pages at its peak anyway), but
 the process no longer returns memory to the system after the peak.
 
 No library offers this from inside a run (PyTorch's caching allocator is CUDA-only; jemalloc or tcmalloc must be
