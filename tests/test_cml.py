@@ -498,3 +498,28 @@ def test_bundle_default_is_the_random_box_and_the_released_code_overlay_exists()
     assert json.loads((bundle_dir("cml") / "configs" / "acdc_cpu_v1.json").read_text())["mask_position"] == "random"
     code = json.loads((bundle_dir("cml") / "configs" / "released_code.json").read_text())
     assert code == {"shared_backbone": True, "ensemble": "logits", "mask_position": "random"}
+
+
+@pytest.mark.parametrize("spatial", [(2, 30), (3, 9)])
+def test_keep_largest_components_equals_monai_transform(spatial):
+    """The one-labelling implementation equals MONAI's KeepLargestConnectedComponent (independent per class) on
+    random maps in 2D and 3D, dense and sparse, with many equal-sized components (tie-breaks)."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from common.pseudo_labels import keep_largest_components
+
+    dims, side = spatial
+    reference = KeepLargestConnectedComponent(applied_labels=[1, 2, 3], is_onehot=False, independent=True)
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        shape = tuple(int(s) for s in rng.integers(2, side, size=dims))
+        if trial % 3 == 0:
+            labels = rng.integers(0, 4, shape)
+        elif trial % 3 == 1:
+            labels = (rng.random(shape) < 0.2) * rng.integers(1, 4, shape)
+        else:  # a lattice of equal blobs: every class has many components of the same size
+            labels = np.zeros(shape, dtype=np.int64)
+            labels[tuple(slice(0, None, 3) for _ in shape)] = 1 + trial % 3
+        labels = labels.astype(np.int64)
+        expected = np.asarray(reference(torch.as_tensor(labels[None]).clone()))[0]
+        assert np.array_equal(keep_largest_components(labels, [1, 2, 3]), expected), (trial, shape)

@@ -156,15 +156,59 @@ def test_up_block_without_concatenation_equals_conv_of_the_concatenation(channel
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_dropout_mask_does_not_depend_on_the_memory_format():
-    x = torch.randn(2, 8, 6, 6)
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaNs in the same places and the same signs (signed zeros included)."""
+    return (torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0), torch.nan_to_num(b, 7.0, 8.0, 9.0))
+            and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.signbit(), b.signbit()))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.999])
+@pytest.mark.parametrize("shape,channels_last", [((2, 8, 6, 6), True), ((2, 8, 6, 6), False), ((3, 5, 7), False),
+                                                  ((2, 1, 5, 5), True), ((2, 4, 3, 3, 3), True)])
+def test_fast_path_dropout_is_bit_identical_to_nn_dropout(p, shape, channels_last):
+    """Same mask, same outputs and gradients (NaN, Inf and signed zeros included) and the same random state after,
+    whatever the input's layout: a seeded fast-path run draws exactly what the plain step draws."""
+    x = torch.randn(shape)
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    grad = torch.randn(shape)
     torch.manual_seed(3)
-    plain = nn.Dropout(0.3)(x)
-    layout_free = nn.Dropout(0.3)
-    layout_free.__class__ = _LayoutFreeDropout
+    x_plain = x.clone().requires_grad_()
+    plain = nn.Dropout(p)(x_plain)
+    plain.backward(grad)
+    state_plain = torch.get_rng_state()
+
+    fast_dropout = nn.Dropout(p)
+    fast_dropout.__class__ = _LayoutFreeDropout
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim()) if channels_last else None
+    x_fast = (x.contiguous(memory_format=fmt) if fmt else x).detach().clone(memory_format=torch.preserve_format)
+    x_fast.requires_grad_()
     torch.manual_seed(3)
-    fast = layout_free(x.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(plain, fast) and fast.is_contiguous(memory_format=torch.channels_last)
+    fast = fast_dropout(x_fast)
+    fast.backward(grad)
+    assert _same_bits(plain, fast) and _same_bits(x_plain.grad, x_fast.grad)
+    assert torch.equal(state_plain, torch.get_rng_state())
+    if fmt is not None and shape[1] > 1:
+        assert fast.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("matches", [True, False])
+def test_keep_mask_equals_bernoulli_also_where_random_draws_differ(monkeypatch, matches):
+    """Where int64 ``random_()`` does not reproduce ``bernoulli_`` (PyTorch's MKL path on Intel CPUs), the mask
+    falls back to ``bernoulli_`` itself; here both branches are checked against it."""
+    from common.engines import dropout_mask
+
+    assert dropout_mask.draws_match_bernoulli() in (True, False)
+    monkeypatch.setattr(dropout_mask, "_matches", matches)
+    for keep in (0.95, 0.7, 1 / 3):
+        torch.manual_seed(11)
+        reference = torch.empty(3, 6, 9, 10).bernoulli_(keep).bool()
+        after = torch.get_rng_state()
+        torch.manual_seed(11)
+        mask = dropout_mask.keep_mask((3, 6, 9, 10), keep, torch.channels_last)
+        assert mask.dtype == torch.bool and mask.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(mask, reference) and torch.equal(torch.get_rng_state(), after)
+    with pytest.raises(ValueError, match="keep probability"):
+        dropout_mask.keep_mask((2, 2), 1.0)
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(caplog):
