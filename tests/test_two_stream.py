@@ -102,3 +102,46 @@ def test_training_batches_skip_metadata_with_identical_values(monkeypatch):
                 if torch.is_tensor(value):
                     other = y[stream][key].as_tensor()
                     assert value.dtype == other.dtype and torch.equal(value, other), (stream, key)
+
+
+@pytest.mark.parametrize("cache_rate", [1.0, 0.5])
+def test_cached_loading_gives_bit_identical_batches(cache_rate):
+    """With ``cache_rate`` the loading runs once per item when the loader is built (MONAI CacheDataset); every batch
+    of every stream is the one the uncached loader gives, with 0 and 2 workers, over more than one labelled epoch."""
+    lab, unlab = _datasets()
+    reference = _take(TwoStreamLoader(lab, unlab, 3, 3, seed=5), 8)
+    for workers in (0, 2):
+        loader = TwoStreamLoader(lab, unlab, 3, 3, seed=5, num_workers=workers, cache_rate=cache_rate)
+        assert loader.labeled.cache is not None and loader.labeled.cache.cache_num == int(10 * cache_rate)
+        assert loader.unlabeled.cache is None  # the weak/strong views start with a random Compose: nothing to cache
+        for x, y in zip(reference, _take(loader, 8)):
+            for stream in ("labeled", "unlabeled"):
+                assert x[stream].keys() == y[stream].keys()
+                for key, value in x[stream].items():
+                    if torch.is_tensor(value):
+                        assert torch.equal(value, y[stream][key]), (workers, stream, key)
+
+
+def test_cached_acdc_slices_equal_the_files_read_each_time():
+    """The real gzip-compressed ACDC slices: cached and read-every-time batches are bit-identical."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ACDC" / "data"
+    files = sorted(root.glob("patient00[3-4]_frame01_slice_*.h5"))
+    if not files:
+        pytest.skip(f"no ACDC slices under {root}")
+    items = [{"image": str(f), "label": str(f)} for f in files]
+    transform = train_transforms(2, [64, 64], 4)
+    reference = _take(TwoStreamLoader(Dataset(items, transform), None, 4, 0, seed=2), 6)
+    cached_loader = TwoStreamLoader(Dataset(items, transform), None, 4, 0, seed=2, cache_rate=1.0)
+    assert cached_loader.labeled.cache.cache_num == len(items)
+    for x, y in zip(reference, _take(cached_loader, 6)):
+        assert torch.equal(x["labeled"]["image"], y["labeled"]["image"])
+        assert torch.equal(x["labeled"]["label"], y["labeled"]["label"])
+
+
+@pytest.mark.parametrize("value", ["1.0", -0.1, 1.5, True, None])
+def test_mistyped_cache_rate_is_refused_naming_the_key(value):
+    lab, unlab = _datasets()
+    with pytest.raises(ValueError, match="'cache_rate'"):
+        TwoStreamLoader(lab, unlab, 2, 2, cache_rate=value)

@@ -158,6 +158,8 @@ ADJUSTABLE_ON_RESUME = (
     "output_dir", "ckpt_dir", "bundle_root", "imports",
     # how the step runs, not what it computes (issue 16's fast path; precision changes rounding only)
     "channels_last", "compile", "precision", "reuse_freed_memory",
+    # where the loaded slices come from (memory or the files), not which batches are drawn (bit-identical)
+    "cache_rate",
 )
 
 
