@@ -113,7 +113,7 @@ def test_cached_loading_gives_bit_identical_batches(cache_rate):
     for workers in (0, 2):
         loader = TwoStreamLoader(lab, unlab, 3, 3, seed=5, num_workers=workers, cache_rate=cache_rate)
         assert loader.labeled.cache is not None and loader.labeled.cache.cache_num == int(10 * cache_rate)
-        assert loader.unlabeled.cache is None  # the weak/strong views start with a random Compose: nothing to cache
+        assert loader.unlabeled.cache is not None  # weak_strong_views lifts the loading to the top: cached too
         for x, y in zip(reference, _take(loader, 8)):
             for stream in ("labeled", "unlabeled"):
                 assert x[stream].keys() == y[stream].keys()
@@ -145,3 +145,22 @@ def test_mistyped_cache_rate_is_refused_naming_the_key(value):
     lab, unlab = _datasets()
     with pytest.raises(ValueError, match="'cache_rate'"):
         TwoStreamLoader(lab, unlab, 2, 2, cache_rate=value)
+
+
+def test_weak_strong_views_lift_the_loading_without_changing_the_random_streams():
+    """``weak_strong_views`` puts the weak pipeline's loading first (so it can be cached); seeded like the nested
+    ``Compose([weak, copy, strong])`` it gives the same weak and strong views."""
+    from monai.transforms import CopyItemsd, Randomizable
+
+    from common.data.transforms import strong_intensity_transforms
+
+    items = synthetic_items(6, [32, 32], 4, seed=1, with_label=False)
+    lifted = weak_strong_views(train_transforms(2, [32, 32], 4))
+    nested = Compose([train_transforms(2, [32, 32], 4), CopyItemsd("image", names="image_strong"),
+                      strong_intensity_transforms("image_strong")])
+    assert lifted.get_index_of_first(lambda t: isinstance(t, Randomizable)) == 1
+    for seed, item in enumerate(items):
+        a = nested.set_random_state(seed=seed)(dict(item))
+        b = lifted.set_random_state(seed=seed)(dict(item))
+        for key in ("image", "image_strong"):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (seed, key)

@@ -14,6 +14,9 @@ from typing import Callable, Sequence
 
 from monai.transforms import (
     Compose,
+    Randomizable,
+    RandomizableTrait,
+    Transform,
     CopyItemsd,
     Identityd,
     OneOf,
@@ -124,5 +127,16 @@ def strong_intensity_transforms(key: str = "image_strong", noise_std: float = 0.
 
 def weak_strong_views(weak: Compose, strong: Compose | None = None, key: str = "image") -> Compose:
     """Both views from one sampled image: ``image`` is the weak view (the geometric augmentation),
-    ``image_strong`` is the same weak view plus ``strong`` intensity perturbations."""
-    return Compose([weak, CopyItemsd(key, names=f"{key}_strong"), strong or strong_intensity_transforms(f"{key}_strong")])
+    ``image_strong`` is the same weak view plus ``strong`` intensity perturbations.
+
+    The weak pipeline's leading deterministic transforms (the loading) are lifted to the top of the returned
+    ``Compose``, so that a ``CacheDataset`` (the loader's ``cache_rate``) can keep their results. The random streams
+    are those of ``Compose([weak, copy, strong])``: a ``Compose`` seeds only its randomizable members, in order, and
+    the lifted transforms are not randomizable (``tests/test_two_stream.py``)."""
+    leading: list[Callable] = []
+    rest = list(weak.transforms) if isinstance(weak, Compose) and type(weak) is Compose else None
+    while rest and isinstance(rest[0], Transform) and not isinstance(rest[0], (Randomizable, RandomizableTrait)):
+        leading.append(rest.pop(0))
+    weak_random = weak if not leading else Compose(rest)
+    return Compose([*leading, weak_random, CopyItemsd(key, names=f"{key}_strong"),
+                    strong or strong_intensity_transforms(f"{key}_strong")])
