@@ -21,16 +21,38 @@ def keep_largest_components(labels: np.ndarray, classes: Sequence[int]) -> np.nd
     connected component (full connectivity); the removed pixels become 0 (background). Returns a new array.
 
     Equal to MONAI's ``KeepLargestConnectedComponent(applied_labels=classes, is_onehot=False, independent=True)``
-    on ``labels[None]``: skimage numbers the components of one joint labelling (connected pixels of equal value) in
-    raster order of their first pixel, which orders each class's components as labelling that class alone does, and
-    the largest is picked with the same ``argsort`` over the same size array, so ties resolve alike.
+    on ``labels[None]``. One skimage labelling of the whole map (connected pixels of equal value) gives every class's
+    components and sizes; a class whose largest size is unique keeps that component, whatever the numbering. Only a
+    class with two or more largest components of equal size (rare in a network's prediction) goes through MONAI's own
+    ``get_largest_connected_component_mask`` on its binary mask, since which of them MONAI keeps depends on the
+    numbering of that separate labelling (skimage does not number a joint labelling in the same order for every
+    shape, e.g. volumes with a last dimension of 1).
     """
+    from monai.transforms.utils import get_largest_connected_component_mask
     from skimage.measure import label
 
     components, count = label(labels, background=0, connectivity=labels.ndim, return_num=True)
     out = np.array(labels, copy=True)
     if count <= 1:
         return out
+    flat = components.reshape(-1)
+    sizes = np.bincount(flat, minlength=count + 1)
+    component_class = np.zeros(count + 1, dtype=labels.dtype)
+    component_class[flat] = labels.reshape(-1)  # every pixel of a component has its class
+    remove = np.zeros(count + 1, dtype=bool)
+    for c in classes:
+        ids = np.flatnonzero(component_class[1:] == c) + 1  # this class's components
+        if len(ids) <= 1:
+            continue
+        largest = sizes[ids].max()
+        if int((sizes[ids] == largest).sum()) > 1:  # a tie: MONAI's choice, from MONAI's own labelling
+            foreground = labels == c
+            out[foreground & ~np.asarray(get_largest_connected_component_mask(foreground))] = 0
+            continue
+        remove[ids] = True
+        remove[ids[sizes[ids] == largest]] = False
+    out[remove[components]] = 0
+    return out
     flat = components.reshape(-1)
     sizes = np.bincount(flat, minlength=count + 1)
     component_class = np.zeros(count + 1, dtype=labels.dtype)

@@ -503,7 +503,8 @@ def test_bundle_default_is_the_random_box_and_the_released_code_overlay_exists()
 @pytest.mark.parametrize("spatial", [(2, 30), (3, 9)])
 def test_keep_largest_components_equals_monai_transform(spatial):
     """The one-labelling implementation equals MONAI's KeepLargestConnectedComponent (independent per class) on
-    random maps in 2D and 3D, dense and sparse, with many equal-sized components (tie-breaks)."""
+    random maps in 2D and 3D, dense and sparse, with many equal-sized components (tie-breaks), sides from 1 (a volume
+    shaped (a, b, 1) is numbered differently by a joint labelling: its ties must still resolve as MONAI's)."""
     from monai.transforms import KeepLargestConnectedComponent
 
     from common.pseudo_labels import keep_largest_components
@@ -512,7 +513,7 @@ def test_keep_largest_components_equals_monai_transform(spatial):
     reference = KeepLargestConnectedComponent(applied_labels=[1, 2, 3], is_onehot=False, independent=True)
     rng = np.random.default_rng(0)
     for trial in range(300):
-        shape = tuple(int(s) for s in rng.integers(2, side, size=dims))
+        shape = tuple(int(s) for s in rng.integers(1 if trial % 2 else 2, side, size=dims))
         if trial % 3 == 0:
             labels = rng.integers(0, 4, shape)
         elif trial % 3 == 1:
@@ -523,3 +524,6 @@ def test_keep_largest_components_equals_monai_transform(spatial):
         labels = labels.astype(np.int64)
         expected = np.asarray(reference(torch.as_tensor(labels[None]).clone()))[0]
         assert np.array_equal(keep_largest_components(labels, [1, 2, 3]), expected), (trial, shape)
+    tied = np.array([[0, 1], [2, 0], [1, 0]], dtype=np.int64)[..., None]  # (3, 2, 1): two 1-voxel components of class 1
+    expected = np.asarray(reference(torch.as_tensor(tied[None]).clone()))[0]
+    assert np.array_equal(keep_largest_components(tied, [1, 2, 3]), expected)

@@ -191,6 +191,29 @@ def test_fast_path_dropout_is_bit_identical_to_nn_dropout(p, shape, channels_las
         assert fast.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fast_path_dropout_matches_nn_dropout_on_overflowing_gradients_and_in_place(inplace):
+    """Dropped elements get a zero gradient even where ``grad / keep`` overflows (a float mask, as nn.Dropout's), and
+    ``inplace=True`` multiplies the input itself."""
+    x = torch.randn(2, 3, 4, 4)
+    grad = torch.full_like(x, 3e38)
+    outputs = []
+    for fast in (False, True):
+        dropout = nn.Dropout(0.5, inplace=inplace)
+        if fast:
+            dropout.__class__ = _LayoutFreeDropout
+        leaf = x.clone(memory_format=torch.channels_last if fast else torch.contiguous_format).requires_grad_()
+        source = leaf * 1.0  # in-place dropout needs a non-leaf input
+        torch.manual_seed(5)
+        out = dropout(source)
+        out.backward(grad)
+        assert (out is source) == inplace
+        outputs.append((out.detach(), leaf.grad))
+    (plain, plain_grad), (fast, fast_grad) = outputs
+    assert _same_bits(plain, fast) and _same_bits(plain_grad, fast_grad)
+    assert not fast_grad.isnan().any()
+
+
 @pytest.mark.parametrize("matches", [True, False])
 def test_keep_mask_equals_bernoulli_also_where_random_draws_differ(monkeypatch, matches):
     """Where int64 ``random_()`` does not reproduce ``bernoulli_`` (PyTorch's MKL path on Intel CPUs), the mask

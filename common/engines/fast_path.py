@@ -134,28 +134,29 @@ class _LayoutFreeDropout(nn.Dropout):
     ATen's CPU dropout draws ``bernoulli_`` into a tensor laid out like the input, so a channels-last input would get
     a different mask from the same random state than the plain step does. Here the mask is always drawn in the
     standard element order, so the random stream, the mask and therefore a seeded run stay identical to the plain
-    step, bit for bit: ``x * kept * (1 / keep)`` with the float32 factor ``nn.Dropout`` uses, the same products and
-    the same signed zeros and NaNs. For float32 inputs the draws come from :func:`~common.engines.dropout_mask.keep_mask`
-    (the same numbers as ``bernoulli_`` from int64 ``random_()``, written straight into the input's layout as one byte
-    per element): on the 2-core AMD EPYC here a CML no-grad dual pass at batch 4 went from 103.5 to 95.5 ms
-    (``docs/speed_fast_path.md``, round 5). Other dtypes (bf16 under autocast) keep ``bernoulli_`` in their dtype."""
+    step, bit for bit: the same ``x * (mask / keep)`` product with ``nn.Dropout``'s float mask values, hence the same
+    outputs and gradients (signed zeros, NaN and Inf included). For float32 inputs the draws come from
+    :func:`~common.engines.dropout_mask.keep_mask` (the same numbers as ``bernoulli_``, from int64 ``random_()``,
+    written straight into the input's layout): on the 2-core AMD EPYC here a CML no-grad dual pass at batch 4 went
+    from 103.5 to 95.5 ms (``docs/speed_fast_path.md``, round 5). Other dtypes (bf16 under autocast) keep
+    ``bernoulli_`` in their dtype. ``inplace=True`` multiplies the input in place, as ``nn.Dropout`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
+        if x.dtype != torch.float32 and x.is_contiguous():
+            return super().forward(x)
         keep = 1.0 - self.p
-        if x.dtype != torch.float32:
-            if x.is_contiguous():
-                return super().forward(x)
-            mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
-            return x * mask.div_(keep)
-        fmt = memory_format_for(x)
-        layout = fmt if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt) \
-            else torch.contiguous_format
-        kept = keep_mask(x.shape, keep, layout)
-        return (x * kept).mul_(dropout_scale(keep))
+        if self.p == 1.0:
+            mask = torch.zeros_like(x)
+        elif x.dtype != torch.float32:
+            mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+        else:
+            fmt = memory_format_for(x)
+            layout = fmt if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt) \
+                else torch.contiguous_format
+            mask = keep_mask(x.shape, keep, layout, dtype=x.dtype).mul_(dropout_scale(keep))
+        return x.mul_(mask) if self.inplace else x * mask
 
 
 class FastPath:
