@@ -138,7 +138,7 @@ class _LayoutFreeDropout(nn.Dropout):
     outputs and gradients (signed zeros, NaN and Inf included). For float32 inputs the draws come from
     :func:`~common.engines.dropout_mask.keep_mask` (the same numbers as ``bernoulli_``, from int64 ``random_()``,
     written straight into the input's layout): on the 2-core AMD EPYC here a CML no-grad dual pass at batch 4 went
-    from 103.5 to 95.5 ms (``docs/speed_fast_path.md``, round 5). Other dtypes (bf16 under autocast) keep
+    from 103.5-105.3 to 98.6-100.5 ms (``docs/speed_fast_path.md``, round 5). Other dtypes (bf16 under autocast) keep
     ``bernoulli_`` in their dtype. ``inplace=True`` multiplies the input in place, as ``nn.Dropout`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
