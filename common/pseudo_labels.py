@@ -53,22 +53,6 @@ def keep_largest_components(labels: np.ndarray, classes: Sequence[int]) -> np.nd
         remove[ids[sizes[ids] == largest]] = False
     out[remove[components]] = 0
     return out
-    flat = components.reshape(-1)
-    sizes = np.bincount(flat, minlength=count + 1)
-    component_class = np.zeros(count + 1, dtype=labels.dtype)
-    component_class[flat] = labels.reshape(-1)  # every pixel of a component has its class
-    remove = np.zeros(count + 1, dtype=bool)
-    for c in classes:
-        ids = np.flatnonzero(component_class[1:] == c) + 1  # this class's components, in raster order
-        if len(ids) <= 1:
-            continue
-        ranked = np.zeros(len(ids) + 1, dtype=np.int64)  # MONAI's bincount layout: index 0 = background, size 0
-        ranked[1:] = sizes[ids]
-        largest = np.argsort(ranked)[::-1][:1]
-        remove[ids] = True
-        remove[ids[largest - 1]] = False
-    out[remove[components]] = 0
-    return out
 
 
 class PseudoLabeler:
